@@ -1,0 +1,223 @@
+"""One error base class, rendered as JSON under /api/ and as an HTML page in the browser.
+
+Every error has a stable machine-readable ``code``. Nothing from an exception's internals
+(stack, SQL, upstream bodies) reaches the client; unexpected errors are logged with the
+request id and answered with a generic 500 that names that id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.logs import get_logger
+
+log = get_logger(__name__)
+
+BAA_REQUIRED_MESSAGE = "Access denied. You must have a signed Business Associate Agreement (BAA) to continue."
+
+
+class AppError(Exception):
+    """Base of every error we answer on purpose."""
+
+    status_code: int = 400
+    code: str = "bad_request"
+    message: str = "The request could not be processed."
+    title: str = "Something is not right"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message or type(self).message
+        self.code = code or type(self).code
+        self.status_code = status_code or type(self).status_code
+        self.headers = headers or {}
+        self.extra = extra or {}
+        self.hint = hint
+        super().__init__(self.message)
+
+
+class BadRequest(AppError):
+    status_code, code = 400, "bad_request"
+
+
+class Unauthorized(AppError):
+    status_code, code, message, title = 401, "unauthorized", "Authentication is required.", "Sign in needed"
+
+
+class Forbidden(AppError):
+    status_code, code, message, title = 403, "forbidden", "You are not allowed to do that.", "Not allowed"
+
+
+class NotFound(AppError):
+    status_code, code, message, title = 404, "not_found", "Nothing was found here.", "Not found"
+
+
+class Conflict(AppError):
+    status_code, code, title = 409, "conflict", "Conflict"
+
+
+class Gone(AppError):
+    status_code, code, title = 410, "gone", "No longer valid"
+
+
+class PayloadTooLarge(AppError):
+    status_code, code, message = 413, "payload_too_large", "The request body is too large."
+
+
+class ValidationFailed(AppError):
+    status_code, code, message = 422, "invalid_request", "The request is not valid."
+
+
+class RateLimited(AppError):
+    status_code, code, message, title = 429, "rate_limited", "Too many requests; slow down.", "Slow down"
+
+
+class ServiceUnavailable(AppError):
+    status_code, code, message, title = 503, "service_unavailable", "The service is unavailable; try again shortly.", "Unavailable"
+
+
+class UpstreamError(AppError):
+    status_code, code, message, title = 502, "upstream_unavailable", "Salesmsg could not be reached.", "Salesmsg unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code, code, message = 504, "upstream_timeout", "Salesmsg did not answer in time."
+
+
+def wants_json(path: str) -> bool:
+    return path.startswith("/api/") or path in ("/healthz", "/readyz", "/metrics")
+
+
+def error_body(code: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **(extra or {})}}
+
+
+def render_error(
+    request: Request,
+    *,
+    status_code: int,
+    code: str,
+    message: str,
+    title: str = "Something is not right",
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    hint: str | None = None,
+) -> Response:
+    if wants_json(request.url.path):
+        return JSONResponse(error_body(code, message, extra), status_code=status_code, headers=headers)
+    templates = getattr(request.app.state, "templates", None)
+    request_id = request.scope.get("state", {}).get("request_id", "")
+    if templates is None:  # pragma: no cover - only before the lifespan has run
+        return HTMLResponse(f"<h1>{status_code}</h1>", status_code=status_code, headers=headers)
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {"status_code": status_code, "code": code, "message": message, "title": title, "hint": hint, "request_id": request_id},
+        status_code=status_code,
+        headers=headers,
+    )
+
+
+async def _app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return render_error(
+        request,
+        status_code=exc.status_code,
+        code=exc.code,
+        message=exc.message,
+        title=exc.title,
+        headers=exc.headers,
+        extra=exc.extra,
+        hint=exc.hint,
+    )
+
+
+_HTTP_CODES = {
+    400: ("bad_request", "The request could not be processed."),
+    401: ("unauthorized", "Authentication is required."),
+    403: ("forbidden", "You are not allowed to do that."),
+    404: ("not_found", "Nothing was found here."),
+    405: ("method_not_allowed", "That method is not allowed here."),
+    406: ("not_acceptable", "No acceptable representation."),
+    413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "That content type is not supported."),
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code, message = _HTTP_CODES.get(exc.status_code, ("http_error", "The request could not be processed."))
+    return render_error(
+        request,
+        status_code=exc.status_code,
+        code=code,
+        message=message,
+        title="Not found" if exc.status_code == 404 else "Something is not right",
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    fields = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path"))
+        fields.append({"field": loc or "body", "problem": str(err.get("msg", "invalid"))[:200]})
+    return render_error(
+        request,
+        status_code=422,
+        code="invalid_request",
+        message="The request is not valid.",
+        extra={"fields": fields[:50]},
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable", error=type(exc).__name__)
+    return render_error(
+        request,
+        status_code=503,
+        code="service_unavailable",
+        message="The service is unavailable; try again shortly.",
+        title="Unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, (OperationalError, DBAPIError, OSError)) and _is_connectivity(exc):
+        return await _database_error(request, exc)
+    log.exception("unhandled error", path=request.url.path)
+    return render_error(
+        request,
+        status_code=500,
+        code="internal_error",
+        message="Something went wrong on our side. The request id helps us find it.",
+        title="Something went wrong",
+    )
+
+
+def _is_connectivity(exc: Exception) -> bool:
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated) or isinstance(exc, OperationalError) or "connect" in str(exc.orig).lower()
+    return isinstance(exc, (ConnectionError, OSError))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

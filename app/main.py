@@ -1,0 +1,74 @@
+"""The app factory. ``create_app(settings)`` builds everything; nothing is read at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__
+from app.errors import _unexpected, install_error_handlers
+from app.health import router as health_router
+from app.logs import configure_logging, get_logger
+from app.middleware import RequestContextMiddleware
+from app.paths import STATIC_DIR
+from app.runtime import Runtime
+from app.settings import Settings
+from app.templating import create_templates
+
+log = get_logger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
+    """Build the ASGI app. Refuses production settings that carry an example secret."""
+    settings = settings or Settings()
+    settings.check_secure()
+    if configure_logs:
+        json_logs = settings.log_format == "json" or (settings.log_format == "auto" and settings.is_production)
+        configure_logging(level=settings.log_level, json_output=json_logs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Runtime]]:
+        runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        log.info("started", version=__version__, env=settings.env.value, database=runtime.db.dialect)
+        try:
+            yield {"runtime": runtime}
+        finally:
+            await runtime.stop()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="Salesmsg Connect",
+        version=__version__,
+        description=(
+            "Management API and REST proxy of Salesmsg Connect. Authenticate with "
+            "`Authorization: Bearer <api key>`."
+        ),
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.templates = create_templates(settings)
+    install_error_handlers(app)
+    app.include_router(health_router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    authorize = urlsplit(settings.salesmsg_authorize_url)
+    app.add_middleware(
+        RequestContextMiddleware,
+        https=settings.https,
+        authorize_origin=f"{authorize.scheme}://{authorize.netloc}",
+        on_error=_unexpected,
+    )
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and multi-worker serving: settings from the environment."""
+    return create_app(Settings())

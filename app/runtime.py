@@ -1,0 +1,46 @@
+"""What the lifespan holds: settings, the database, the pooled HTTP client to Salesmsg."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from app.db import Database, create_engine
+from app.migrate import head_revision
+from app.settings import Settings
+
+
+def create_http_session(settings: Settings) -> aiohttp.ClientSession:
+    """One pooled session per process for every call to Salesmsg (DESIGN.md: not httpx here)."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(
+        total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        raise_for_status=False,
+        # Cookies from Salesmsg must not leak from one tenant's call into another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": "salesmsg-connect"},
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    http: aiohttp.ClientSession
+    migration_head: str
+
+    @classmethod
+    async def start(cls, settings: Settings) -> "Runtime":
+        db = Database(create_engine(settings))
+        http = create_http_session(settings)
+        return cls(settings=settings, db=db, http=http, migration_head=head_revision())
+
+    async def stop(self) -> None:
+        await self.http.close()
+        await self.db.dispose()

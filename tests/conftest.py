@@ -1,0 +1,93 @@
+"""Shared fixtures: a real database migrated to head, the app over ASGI, the emulator over HTTP.
+
+App-level tests run against a real engine with real concurrency (single-flight refresh, leases,
+idempotency and background writers need separate connections), so isolation comes from emptying
+the database after each test. Service-level tests that need no concurrency can use
+``db_session``: one connection inside a transaction that is rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.main import create_app
+from app.settings import Settings
+from tests.support.databases import PostgresTestDatabase, SqliteTestDatabase, run_in_thread, test_server_url
+
+
+@pytest.fixture(scope="session")
+def test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresTestDatabase | SqliteTestDatabase]:
+    server = test_server_url()
+    database: PostgresTestDatabase | SqliteTestDatabase
+    if server:
+        database = PostgresTestDatabase(server)
+        run_in_thread(database.create)
+        yield database
+        run_in_thread(database.drop)
+    else:
+        database = SqliteTestDatabase(tmp_path_factory.mktemp("db"))
+        run_in_thread(database.create)
+        yield database
+
+
+@pytest.fixture
+def on_postgres(test_database) -> bool:
+    return isinstance(test_database, PostgresTestDatabase)
+
+
+@pytest.fixture
+def requires_postgres(on_postgres: bool) -> None:
+    if not on_postgres:
+        pytest.skip("needs PostgreSQL: set SMC_TEST_DATABASE_URL (runs in .ci/run)")
+
+
+@pytest.fixture
+async def database_url(test_database) -> AsyncIterator[str]:
+    if isinstance(test_database, PostgresTestDatabase):
+        yield test_database.url
+        await test_database.empty()
+    else:
+        yield test_database.fresh_url()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(
+        _env_file=None,
+        env="development",
+        database_url=database_url,
+        public_url="http://127.0.0.1:8000",
+        salesmsg_api_base="http://127.0.0.1:9/pub/v2.2",
+        salesmsg_authorize_url="http://127.0.0.1:9/auth/oauth",
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings):
+    application = create_app(settings, configure_logs=False)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        yield http
+
+
+@pytest.fixture
+async def db_session(database_url: str) -> AsyncIterator[AsyncSession]:
+    """A session inside a transaction that is rolled back after the test."""
+    engine = create_async_engine(database_url)
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        maker = async_sessionmaker(bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint")
+        async with maker() as session:
+            yield session
+        await transaction.rollback()
+    await engine.dispose()
