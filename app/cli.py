@@ -17,6 +17,15 @@ db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrat
 cli.add_typer(db_cli, name="db")
 
 
+def _register_admin_commands() -> None:
+    from app.admin_cli import audit_cli, keys_cli, tenant_cli, user_cli
+
+    cli.add_typer(tenant_cli, name="tenant")
+    cli.add_typer(user_cli, name="user")
+    cli.add_typer(keys_cli, name="keys")
+    cli.add_typer(audit_cli, name="audit")
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -142,6 +151,9 @@ def emulator(
     from app.emulator.server import serve as serve_emulator
 
     serve_emulator(host=host, port=port, config_path=config)
+
+
+_register_admin_commands()
 
 
 def main() -> None:

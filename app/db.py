@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,8 +48,13 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
         self.dialect = engine.dialect.name
+        # SQLite serves one process; this lock serializes audit-chain appends there
+        # (PostgreSQL uses an advisory lock instead, see app.audit).
+        self.audit_lock = asyncio.Lock()
+        self.sessionmaker = async_sessionmaker(
+            engine, expire_on_commit=False, autoflush=False, info={"sqlite_audit_lock": self.audit_lock}
+        )
 
     @property
     def is_postgres(self) -> bool:

@@ -8,10 +8,11 @@ request id and answered with a generic 500 that names that id.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +56,12 @@ class BadRequest(AppError):
 
 class Unauthorized(AppError):
     status_code, code, message, title = 401, "unauthorized", "Authentication is required.", "Sign in needed"
+
+
+class LoginRequired(Unauthorized):
+    """A browser page that needs a signed-in session: answered with a redirect to /login."""
+
+    code, message = "login_required", "Sign in to continue."
 
 
 class Forbidden(AppError):
@@ -133,6 +140,9 @@ def render_error(
 
 async def _app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
+    if isinstance(exc, LoginRequired) and not wants_json(request.url.path):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
     return render_error(
         request,
         status_code=exc.status_code,

@@ -88,6 +88,7 @@ def redact_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) -> 
             continue
         else:
             event_dict[key] = _redact_value(key, value)
+    event_dict.pop("color_message", None)
     return event_dict
 
 

@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.errors import _unexpected, install_error_handlers
 from app.health import router as health_router
+from app.web import auth_pages, connect_pages, operator_pages
 from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
 from app.paths import STATIC_DIR
@@ -57,6 +58,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.state.templates = create_templates(settings)
     install_error_handlers(app)
     app.include_router(health_router)
+    app.include_router(auth_pages.router)
+    app.include_router(connect_pages.router)
+    app.include_router(operator_pages.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     authorize = urlsplit(settings.salesmsg_authorize_url)

@@ -9,6 +9,7 @@ import aiohttp
 from app.db import Database, create_engine
 from app.migrate import head_revision
 from app.settings import Settings
+from app.vault import DataKeyCache, Keyring
 
 
 def create_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -34,12 +35,22 @@ class Runtime:
     db: Database
     http: aiohttp.ClientSession
     migration_head: str
+    keyring: Keyring
+    data_keys: DataKeyCache
 
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
         db = Database(create_engine(settings))
         http = create_http_session(settings)
-        return cls(settings=settings, db=db, http=http, migration_head=head_revision())
+        keyring = Keyring(settings.keyring_entries)
+        return cls(
+            settings=settings,
+            db=db,
+            http=http,
+            migration_head=head_revision(),
+            keyring=keyring,
+            data_keys=DataKeyCache(keyring),
+        )
 
     async def stop(self) -> None:
         await self.http.close()

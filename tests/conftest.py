@@ -8,6 +8,7 @@ the database after each test. Service-level tests that need no concurrency can u
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -86,7 +87,12 @@ async def db_session(database_url: str) -> AsyncIterator[AsyncSession]:
     engine = create_async_engine(database_url)
     async with engine.connect() as conn:
         transaction = await conn.begin()
-        maker = async_sessionmaker(bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint")
+        maker = async_sessionmaker(
+            bind=conn,
+            expire_on_commit=False,
+            join_transaction_mode="create_savepoint",
+            info={"sqlite_audit_lock": asyncio.Lock()},
+        )
         async with maker() as session:
             yield session
         await transaction.rollback()

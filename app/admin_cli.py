@@ -1,0 +1,176 @@
+"""Operator commands: tenants, users, master keys, the audit chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from getpass import getpass
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from app import audit, keys, people, tenants
+from app.audit import Actor
+from app.errors import AppError
+from app.runtime import Runtime
+
+T = TypeVar("T")
+
+tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants (one per customer org).")
+user_cli = typer.Typer(no_args_is_help=True, help="People who sign in to the dashboard.")
+keys_cli = typer.Typer(no_args_is_help=True, help="Master keys and tenant data keys.")
+audit_cli = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+
+CLI_ACTOR = Actor("cli", "cli")
+
+
+@asynccontextmanager
+async def cli_runtime() -> AsyncIterator[Runtime]:
+    from app.cli import load_settings
+
+    runtime = await Runtime.start(load_settings(check_secure=False))
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def run(fn: Callable[[Runtime], Awaitable[T]]) -> T:
+    """Run one async command against the configured database; AppErrors become clean exits."""
+
+    async def main() -> T:
+        async with cli_runtime() as runtime:
+            return await fn(runtime)
+
+    try:
+        return asyncio.run(main())
+    except AppError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def emit(data: Any, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def tenant_dict(tenant, connection=None) -> dict[str, Any]:
+    return {
+        "id": str(tenant.id),
+        "slug": tenant.slug,
+        "name": tenant.name,
+        "hipaa": tenant.hipaa,
+        "baa_signed": tenant.baa_signed_at is not None,
+        "baa_signed_at": tenant.baa_signed_at.isoformat() if tenant.baa_signed_at else None,
+        "connection": connection.status if connection is not None else "not_connected",
+    }
+
+
+@tenant_cli.command("create")
+def tenant_create(
+    slug: Annotated[str, typer.Option(help="URL-safe id: lowercase letters, digits, hyphens")],
+    name: Annotated[str, typer.Option(help="Organization name")],
+    hipaa: Annotated[bool, typer.Option("--hipaa/--no-hipaa", help="HIPAA organization (default: yes, fail closed)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create a tenant (HIPAA unless --no-hipaa)."""
+
+    async def go(runtime: Runtime) -> dict[str, Any]:
+        async with runtime.db.session() as session:
+            tenant = await tenants.create_tenant(session, keyring=runtime.keyring, slug=slug, name=name, hipaa=hipaa, actor=CLI_ACTOR)
+            return tenant_dict(tenant)
+
+    created = run(go)
+    emit(created, as_json, f"created tenant {created['slug']} ({created['id']}), HIPAA: {created['hipaa']}")
+
+
+@tenant_cli.command("list")
+def tenant_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List every tenant with its HIPAA, BAA and connection state."""
+
+    async def go(runtime: Runtime) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        cursor = None
+        async with runtime.db.session() as session:
+            while True:
+                page = await tenants.list_tenants(session, cursor=cursor, limit=200)
+                found += [tenant_dict(r.tenant, r.connection) for r in page.rows]
+                if not page.next_cursor:
+                    return found
+                cursor = page.next_cursor
+
+    rows = run(go)
+    lines = [f"{r['slug']:30} hipaa={str(r['hipaa']).lower():5} baa={str(r['baa_signed']).lower():5} {r['connection']}" for r in rows]
+    emit(rows, as_json, "\n".join(lines) or "no tenants")
+
+
+@user_cli.command("create")
+def user_create(
+    email: Annotated[str, typer.Option(help="Sign-in email")],
+    role: Annotated[str, typer.Option(help="operator or org_admin")] = "operator",
+    tenant: Annotated[Optional[str], typer.Option(help="Tenant slug (org_admin only)")] = None,
+    name: Annotated[str, typer.Option(help="Display name")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create a user; the password is prompted for (or read from stdin), never an argument."""
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else getpass("Password (12+ characters): ")
+    if not password_stdin and getpass("Again: ") != password:
+        typer.echo("error: the passwords differ", err=True)
+        raise typer.Exit(1)
+
+    async def go(runtime: Runtime) -> dict[str, Any]:
+        async with runtime.db.session() as session:
+            tenant_row = await tenants.get_tenant(session, tenant) if tenant else None
+            user = await people.create_user(
+                session, email=email, password=password, role=role, tenant=tenant_row, name=name, actor=CLI_ACTOR
+            )
+            return {"id": str(user.id), "email": user.email, "role": user.role, "tenant": tenant}
+
+    created = run(go)
+    emit(created, as_json, f"created {created['role']} {created['email']}")
+
+
+@keys_cli.command("rotate")
+def keys_rotate(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Rewrap every tenant data key under the first key of SMC_MASTER_KEYS (safe while serving)."""
+
+    async def go(runtime: Runtime) -> keys.RotateReport:
+        return await keys.rewrap_all(runtime.db, runtime.keyring)
+
+    report = run(go)
+    emit(report.__dict__, as_json, f"rewrapped {report.rewrapped} data keys under {report.primary}; {report.already_current} already were")
+
+
+@keys_cli.command("verify")
+def keys_verify(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Open every data key and every sealed secret; exit 1 if anything fails."""
+
+    async def go(runtime: Runtime) -> keys.VerifyReport:
+        return await keys.verify_all(runtime.db, runtime.data_keys)
+
+    report = run(go)
+    data = {"ok": report.ok, "tenants": report.tenants, "secrets": report.secrets, "by_master_key": report.by_master_key, "failures": report.failures}
+    text = f"{report.tenants} tenants, {report.secrets} secrets, data keys by master key {report.by_master_key}: " + (
+        "all open" if report.ok else "FAILURES:\n  " + "\n  ".join(report.failures)
+    )
+    emit(data, as_json, text)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_cli.command("verify")
+def audit_verify(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Recompute the audit chain; exit 1 at the first row that was altered, removed or reordered."""
+
+    async def go(runtime: Runtime) -> audit.ChainReport:
+        async with runtime.db.session() as session:
+            return await audit.verify_chain(session)
+
+    report = run(go)
+    data = {"ok": report.ok, "rows": report.rows, "broken_at": report.broken_at, "reason": report.reason}
+    emit(data, as_json, f"{report.rows} rows, chain intact" if report.ok else f"chain broken at row {report.broken_at}: {report.reason}")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""Browser pages: server-rendered Jinja2, CSRF on every state-changing form."""

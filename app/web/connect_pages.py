@@ -1,0 +1,120 @@
+"""Connecting an org: connect links, the scope-consent screen, the OAuth callback, PATs, disconnect."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response
+
+from app import connect, connections, scopes, web_sessions
+from app.deps import RequestIdDep, RuntimeDep, SessionDep
+from app.errors import AppError
+from app.web.viewer import ViewerDep, csrf_protect, redirect, render, tenant_for
+
+router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
+
+
+@router.get("/connect/{token}")
+async def open_connect_link(
+    token: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
+) -> Response:
+    """Spend the link once and turn it into a browser session bound to its tenant."""
+    tenant = await connect.redeem_connect_link(session, token, request_id=request_id)
+    if viewer.signed_in and viewer.can_manage(tenant):
+        return redirect(f"/t/{tenant.slug}/connect")
+    session_token, _ = await web_sessions.start(session, runtime.settings, link_tenant_id=tenant.id, replaces=viewer.token)
+    response = redirect(f"/t/{tenant.slug}/connect")
+    web_sessions.set_session_cookie(response, runtime.settings, session_token)
+    return response
+
+
+def _consent_context(tenant, runtime, selected: list[str] | None = None) -> dict:
+    defaults = scopes.parse(runtime.settings.default_scopes)
+    phi_locked = not tenant.phi_allowed
+    chosen = selected if selected is not None else defaults
+    if phi_locked:
+        chosen = [s for s in chosen if not scopes.is_phi(s)]
+    return {
+        "tenant": tenant,
+        "groups": scopes.grouped(),
+        "selected": set(chosen),
+        "defaults": set(defaults),
+        "phi_locked": phi_locked,
+    }
+
+
+@router.get("/t/{slug}/connect")
+async def consent_page(request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
+    tenant = await tenant_for(session, viewer, slug, connect=True)
+    conn = await connections.get_connection(session, tenant.id)
+    return render(request, viewer, "consent.html", connection=conn, **_consent_context(tenant, runtime))
+
+
+@router.post("/t/{slug}/connect")
+async def consent_submit(
+    request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
+) -> Response:
+    """Re-validate every submitted scope against the database's BAA state, then go to Salesmsg."""
+    tenant = await tenant_for(session, viewer, slug, connect=True)
+    form = await request.form()
+    requested = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
+    try:
+        url = await connect.start_authorization(
+            session, runtime, tenant=tenant, web_session=viewer.web_session, requested=requested,
+            actor=viewer.actor(), request_id=request_id,
+        )
+    except AppError as exc:
+        conn = await connections.get_connection(session, tenant.id)
+        return render(
+            request, viewer, "consent.html", status_code=exc.status_code, error=exc.message, error_code=exc.code,
+            connection=conn, **_consent_context(tenant, runtime, [s for s in requested if s in scopes.ALL_SCOPES]),
+        )
+    return redirect(url)
+
+
+@router.get("/oauth/callback")
+async def oauth_callback(request: Request, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
+    params = {k: v for k, v in request.query_params.items() if k in ("state", "code", "error", "error_description")}
+    result = await connect.complete_authorization(
+        session, runtime, web_session=viewer.web_session, params=params, actor=viewer.actor(), request_id=request_id,
+    )
+    return redirect(f"/t/{result.tenant.slug}/connected")
+
+
+@router.get("/t/{slug}/connected")
+async def connected_page(request: Request, slug: str, session: SessionDep, viewer: ViewerDep) -> Response:
+    tenant = await tenant_for(session, viewer, slug, connect=True)
+    conn = await connections.get_connection(session, tenant.id)
+    return render(request, viewer, "connected.html", tenant=tenant, connection=conn,
+                  granted=scopes.parse(conn.scopes) if conn else [])
+
+
+@router.post("/t/{slug}/connect/pat")
+async def connect_pat(
+    request: Request,
+    slug: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    token: Annotated[str, Form(max_length=4096)] = "",
+) -> Response:
+    tenant = await tenant_for(session, viewer, slug, connect=True)
+    form = await request.form()
+    granted = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
+    try:
+        await connect.connect_with_pat(session, runtime, tenant=tenant, token=token, granted=granted,
+                                       actor=viewer.actor(), request_id=request_id)
+    except AppError as exc:
+        conn = await connections.get_connection(session, tenant.id)
+        return render(request, viewer, "consent.html", status_code=exc.status_code, pat_error=exc.message,
+                      connection=conn, **_consent_context(tenant, runtime))
+    return redirect(f"/t/{tenant.slug}/connected")
+
+
+@router.post("/t/{slug}/disconnect")
+async def disconnect(slug: str, session: SessionDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
+    tenant = await tenant_for(session, viewer, slug)
+    await connections.disconnect(session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
+    return redirect(f"/t/{tenant.slug}?notice=disconnected")

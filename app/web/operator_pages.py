@@ -1,0 +1,240 @@
+"""Operator pages: tenants, a tenant's connection, BAA, HIPAA flag, connect links, invitations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from app import audit, baa, connect, connections, events, people, scopes, tenants
+from app.deps import RequestIdDep, RuntimeDep, SessionDep
+from app.errors import AppError, ValidationFailed
+from app.models import AuditEntry, Tenant
+from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_operator, require_user, tenant_for
+
+router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
+
+NOTICES = {
+    "connected": "Connected to Salesmsg.",
+    "disconnected": "Disconnected. The tokens were destroyed.",
+    "baa_signed": "BAA recorded as signed. PHI scopes and endpoints are open for this tenant.",
+    "baa_revoked": "BAA revoked. PHI scopes and endpoints are blocked from now on.",
+    "hipaa_on": "HIPAA is on for this tenant.",
+    "hipaa_off": "HIPAA is off for this tenant.",
+    "created": "Tenant created.",
+}
+
+
+@router.get("/org")
+async def org_home(session: SessionDep, viewer: ViewerDep) -> Response:
+    if viewer.link_tenant_id is not None:
+        tenant = await session.get(Tenant, viewer.link_tenant_id)
+        return redirect(f"/t/{tenant.slug}/connect" if tenant else "/login")
+    require_user(viewer)
+    if viewer.is_operator or viewer.user is None or viewer.user.tenant_id is None:
+        return redirect("/tenants")
+    tenant = await session.get(Tenant, viewer.user.tenant_id)
+    return redirect(f"/t/{tenant.slug}" if tenant else "/login")
+
+
+@router.get("/tenants")
+async def tenants_page(
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerDep,
+    q: Annotated[str | None, Query(max_length=100)] = None,
+    status: Annotated[str | None, Query(pattern="^(active|needs_reauth|not_connected)$")] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    require_operator(viewer)
+    page = await tenants.list_tenants(session, search=q, cursor=cursor, limit=25, status=status)
+    total = await tenants.count_tenants(session, search=q, status=status)
+    return render(request, viewer, "tenants.html", page=page, q=q or "", status=status or "", total=total,
+                  notice=NOTICES.get(request.query_params.get("notice", "")))
+
+
+@router.post("/tenants")
+async def create_tenant(
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    slug: Annotated[str, Form(max_length=63)] = "",
+    name: Annotated[str, Form(max_length=200)] = "",
+    hipaa: Annotated[str, Form(max_length=10)] = "on",
+) -> Response:
+    require_operator(viewer)
+    try:
+        tenant = await tenants.create_tenant(
+            session, keyring=runtime.keyring, slug=slug, name=name, hipaa=hipaa != "off",
+            actor=viewer.actor(), request_id=request_id,
+        )
+    except AppError as exc:
+        page = await tenants.list_tenants(session, limit=25)
+        total = await tenants.count_tenants(session)
+        return render(request, viewer, "tenants.html", status_code=exc.status_code, page=page, q="", status="",
+                      total=total, create_error=exc.message, form={"slug": slug, "name": name, "hipaa": hipaa})
+    return redirect(f"/t/{tenant.slug}?notice=created")
+
+
+async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict:
+    conn = await connections.get_connection(session, tenant.id)
+    granted = scopes.parse(conn.scopes) if conn else []
+    context = {
+        "tenant": tenant,
+        "connection": conn,
+        "granted": granted,
+        "usable": scopes.usable(granted, phi_allowed=tenant.phi_allowed) if conn and conn.kind == "oauth" else set(granted),
+        "phi_scopes": scopes.PHI_SCOPES,
+        "events": await events.recent(session, tenant_id=tenant.id, limit=10),
+    }
+    if viewer.is_operator:
+        context["audit_entries"] = (
+            await session.scalars(
+                select(AuditEntry).where(AuditEntry.tenant_id == tenant.id).order_by(AuditEntry.id.desc()).limit(15)
+            )
+        ).all()
+    return context
+
+
+@router.get("/t/{slug}")
+async def tenant_page(request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
+    tenant = await tenant_for(session, viewer, slug)
+    context = await _tenant_context(session, runtime, tenant, viewer)
+    return render(request, viewer, "tenant.html", notice=NOTICES.get(request.query_params.get("notice", "")), **context)
+
+
+async def _operator_tenant(session, viewer, slug: str) -> Tenant:
+    require_operator(viewer)
+    return await tenant_for(session, viewer, slug)
+
+
+@router.post("/t/{slug}/baa")
+async def sign_baa(
+    request: Request,
+    slug: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    reference: Annotated[str, Form(max_length=200)] = "",
+    note: Annotated[str, Form(max_length=2000)] = "",
+    confirm: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    tenant = await _operator_tenant(session, viewer, slug)
+    try:
+        if confirm != "yes":
+            raise ValidationFailed("Tick the box to confirm the BAA is signed.", code="confirmation_required")
+        await baa.sign(session, tenant, reference=reference, note=note, signed_by=viewer.label,
+                       actor=viewer.actor(), request_id=request_id)
+    except AppError as exc:
+        context = await _tenant_context(session, runtime, tenant, viewer)
+        return render(request, viewer, "tenant.html", status_code=exc.status_code, baa_error=exc.message, **context)
+    return redirect(f"/t/{tenant.slug}?notice=baa_signed")
+
+
+@router.post("/t/{slug}/baa/revoke")
+async def revoke_baa(
+    request: Request,
+    slug: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    reason: Annotated[str, Form(max_length=500)] = "",
+    confirm: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    tenant = await _operator_tenant(session, viewer, slug)
+    try:
+        if confirm != "yes":
+            raise ValidationFailed("Tick the box to confirm revoking the BAA.", code="confirmation_required")
+        await baa.revoke(session, tenant, reason=reason, actor=viewer.actor(), request_id=request_id)
+    except AppError as exc:
+        context = await _tenant_context(session, runtime, tenant, viewer)
+        return render(request, viewer, "tenant.html", status_code=exc.status_code, baa_error=exc.message, **context)
+    return redirect(f"/t/{tenant.slug}?notice=baa_revoked")
+
+
+@router.post("/t/{slug}/hipaa")
+async def set_hipaa(
+    slug: str,
+    session: SessionDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    hipaa: Annotated[str, Form(pattern="^(on|off)$")] = "on",
+) -> Response:
+    tenant = await _operator_tenant(session, viewer, slug)
+    await tenants.set_hipaa(session, tenant, hipaa=hipaa == "on", actor=viewer.actor(), request_id=request_id)
+    return redirect(f"/t/{tenant.slug}?notice=hipaa_{hipaa}")
+
+
+@router.post("/t/{slug}/connect-links")
+async def create_connect_link(
+    request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
+) -> Response:
+    tenant = await _operator_tenant(session, viewer, slug)
+    link, token = await connect.create_connect_link(
+        session, tenant=tenant, hours=runtime.settings.connect_link_hours, actor=viewer.actor(), request_id=request_id
+    )
+    return render(request, viewer, "shown_once.html", tenant=tenant, title="Connect link",
+                  url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at,
+                  explain="Send this link to the organization's admin. It works once and expires; it is shown only now.")
+
+
+@router.post("/t/{slug}/invitations")
+async def invite_org_admin(
+    request: Request,
+    slug: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    email: Annotated[str, Form(max_length=320)] = "",
+) -> Response:
+    tenant = await _operator_tenant(session, viewer, slug)
+    try:
+        invitation, token = await people.invite_org_admin(
+            session, tenant=tenant, email=email, hours=runtime.settings.invitation_hours,
+            actor=viewer.actor(), request_id=request_id,
+        )
+    except AppError as exc:
+        context = await _tenant_context(session, runtime, tenant, viewer)
+        return render(request, viewer, "tenant.html", status_code=exc.status_code, invite_error=exc.message, **context)
+    return render(request, viewer, "shown_once.html", tenant=tenant, title=f"Invitation for {invitation.email}",
+                  url=f"{runtime.settings.public_url}/invite/{token}", expires_at=invitation.expires_at,
+                  explain="Send this link to the new org admin. It works once and expires; it is shown only now.")
+
+
+@router.get("/audit")
+async def audit_page(
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerDep,
+    tenant: Annotated[str | None, Query(max_length=63)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]*$")] = None,
+    outcome: Annotated[str | None, Query(pattern="^(success|denied|failure)?$")] = None,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    require_operator(viewer)
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(51)
+    tenant_row = None
+    if tenant:
+        try:
+            tenant_row = await tenants.get_tenant(session, tenant)
+        except AppError:
+            tenant_row = None
+        query = query.where(AuditEntry.tenant_id == (tenant_row.id if tenant_row else None))
+    if action:
+        query = query.where(AuditEntry.action.startswith(action))
+    if outcome:
+        query = query.where(AuditEntry.outcome == outcome)
+    if before:
+        query = query.where(AuditEntry.id < before)
+    rows = list((await session.scalars(query)).all())
+    slugs = {t.id: t.slug for t in (await session.scalars(select(Tenant).where(Tenant.id.in_({r.tenant_id for r in rows if r.tenant_id})))).all()}
+    return render(request, viewer, "audit.html", rows=rows[:50], more=rows[49].id if len(rows) > 50 else None,
+                  slugs=slugs, filters={"tenant": tenant or "", "action": action or "", "outcome": outcome or ""},
+                  as_dict=audit.as_dict)

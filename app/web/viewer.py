@@ -1,0 +1,161 @@
+"""Who is looking: the signed-in person or connect-link session behind a browser request."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from app import web_sessions
+from app.audit import ACTOR_LINK, ACTOR_USER, Actor
+from app.deps import RuntimeDep, SessionDep
+from app.errors import Forbidden, LoginRequired, NotFound, PayloadTooLarge
+from app.models import Tenant, User, WebSession
+from app.tenants import get_tenant
+
+MAX_FORM_BYTES = 256 * 1024
+
+
+@dataclass
+class Viewer:
+    web_session: WebSession | None
+    user: User | None
+    token: str | None
+    anonymous_csrf: str | None = None
+    new_anonymous_csrf: bool = False
+
+    @property
+    def signed_in(self) -> bool:
+        return self.user is not None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.user is not None and self.user.role == "operator"
+
+    @property
+    def is_org_admin(self) -> bool:
+        return self.user is not None and self.user.role == "org_admin"
+
+    @property
+    def link_tenant_id(self) -> uuid.UUID | None:
+        return self.web_session.link_tenant_id if self.web_session and self.user is None else None
+
+    @property
+    def csrf_token(self) -> str:
+        if self.web_session is not None:
+            return self.web_session.csrf_token
+        return self.anonymous_csrf or ""
+
+    @property
+    def label(self) -> str:
+        return self.user.email if self.user else "connect link"
+
+    def actor(self) -> Actor:
+        if self.user is not None:
+            return Actor(ACTOR_USER, self.user.email)
+        return Actor(ACTOR_LINK, self.web_session.id[:16] if self.web_session else None)
+
+    def can_manage(self, tenant: Tenant) -> bool:
+        """Operators manage every tenant; an org admin only their own."""
+        return self.is_operator or (self.is_org_admin and self.user is not None and self.user.tenant_id == tenant.id)
+
+    def can_connect(self, tenant: Tenant) -> bool:
+        return self.can_manage(tenant) or self.link_tenant_id == tenant.id
+
+
+async def get_viewer(request: Request, session: SessionDep, runtime: RuntimeDep) -> Viewer:
+    settings = runtime.settings
+    token = request.cookies.get(web_sessions.session_cookie_name(settings))
+    loaded = await web_sessions.load(session, settings, token)
+    if loaded is not None:
+        return Viewer(web_session=loaded[0], user=loaded[1], token=token)
+    existing = request.cookies.get(web_sessions.csrf_cookie_name(settings))
+    if existing and web_sessions.anonymous_csrf_valid(settings, existing, existing):
+        return Viewer(None, None, None, anonymous_csrf=existing)
+    return Viewer(None, None, None, anonymous_csrf=web_sessions.new_anonymous_csrf(settings), new_anonymous_csrf=True)
+
+
+ViewerDep = Annotated[Viewer, Depends(get_viewer)]
+
+
+async def csrf_protect(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> None:
+    """Every state-changing browser request carries the form's CSRF token and a same-origin Origin."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
+        raise PayloadTooLarge("The form is too large.")
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        public = urlsplit(runtime.settings.public_url)
+        if origin.rstrip("/") != f"{public.scheme}://{public.netloc}":
+            raise Forbidden("The form did not come from this site.", code="csrf_failed")
+    form = await request.form(max_fields=500, max_files=0)
+    submitted = form.get("csrf_token")
+    submitted = submitted if isinstance(submitted, str) else None
+    if viewer.web_session is not None:
+        ok = web_sessions.session_csrf_valid(viewer.web_session, submitted)
+    else:
+        cookie = request.cookies.get(web_sessions.csrf_cookie_name(runtime.settings))
+        ok = web_sessions.anonymous_csrf_valid(runtime.settings, cookie, submitted)
+    if not ok:
+        raise Forbidden(
+            "The form expired or did not come from this site. Reload the page and try again.",
+            code="csrf_failed",
+        )
+
+
+def safe_next(target: str | None, default: str = "/") -> str:
+    """Only a local path: no scheme, no host, no protocol-relative or backslash tricks."""
+    if not target or len(target) > 500:
+        return default
+    if not target.startswith("/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return default
+    return target
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def render(request: Request, viewer: Viewer, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    templates = request.app.state.templates
+    response = templates.TemplateResponse(
+        request, template, {"viewer": viewer, "csrf_token": viewer.csrf_token, **context}, status_code=status_code
+    )
+    if viewer.new_anonymous_csrf and viewer.anonymous_csrf:
+        web_sessions.set_csrf_cookie(response, request.app.state.settings, viewer.anonymous_csrf)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def tenant_for(session, viewer: Viewer, slug: str, *, connect: bool = False) -> Tenant:
+    """The tenant named in the URL, if this viewer may see it; otherwise 404 (no probing)."""
+    if viewer.web_session is None:
+        raise LoginRequired()
+    try:
+        tenant = await get_tenant(session, slug)
+    except NotFound:
+        raise NotFound("No such tenant.", code="tenant_not_found") from None
+    allowed = viewer.can_connect(tenant) if connect else viewer.can_manage(tenant)
+    if not allowed:
+        raise NotFound("No such tenant.", code="tenant_not_found")
+    return tenant
+
+
+def require_user(viewer: Viewer) -> None:
+    if viewer.user is None:
+        raise LoginRequired()
+
+
+def require_operator(viewer: Viewer) -> None:
+    require_user(viewer)
+    if not viewer.is_operator:
+        raise Forbidden("Only operators can do this.", code="operator_only")
