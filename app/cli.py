@@ -132,6 +132,33 @@ def db_current() -> None:
 
 
 @cli.command()
+def worker() -> None:
+    """Run the background worker alone: proactive refresh, webhook deliveries, clean-up."""
+    import asyncio
+    import signal
+
+    from app.logs import configure_logging
+    from app.runtime import Runtime
+
+    settings = load_settings()
+    configure_logging(level=settings.log_level, json_output=settings.log_format == "json" or (settings.log_format == "auto" and settings.is_production))
+
+    async def main() -> None:
+        runtime = await Runtime.start(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runtime.start_worker()
+        try:
+            await stop.wait()
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+@cli.command()
 def demo(
     port: Annotated[int, typer.Option(help="Port of the app")] = 8000,
 ) -> None:

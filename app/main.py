@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Runtime]]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
+        if settings.run_worker:
+            runtime.start_worker()
         log.info("started", version=__version__, env=settings.env.value, database=runtime.db.dialect)
         try:
             yield {"runtime": runtime}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from app.db import Database, create_engine
 from app.migrate import head_revision
+from app.refresh import Refresher
 from app.settings import Settings
 from app.vault import DataKeyCache, Keyring
+
+if TYPE_CHECKING:
+    from app.worker import Worker
 
 
 def create_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -37,21 +42,39 @@ class Runtime:
     migration_head: str
     keyring: Keyring
     data_keys: DataKeyCache
+    refresher: Refresher
+    worker: "Worker | None" = field(default=None)
 
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
         db = Database(create_engine(settings))
         http = create_http_session(settings)
         keyring = Keyring(settings.keyring_entries)
-        return cls(
+        data_keys = DataKeyCache(keyring)
+        runtime = cls(
             settings=settings,
             db=db,
             http=http,
             migration_head=head_revision(),
             keyring=keyring,
-            data_keys=DataKeyCache(keyring),
+            data_keys=data_keys,
+            refresher=Refresher(db=db, http=http, settings=settings, data_keys=data_keys),
         )
+        return runtime
+
+    def new_worker(self) -> "Worker":
+        from app.webhooks import WebhookSender
+        from app.worker import Worker
+
+        sender = WebhookSender(db=self.db, http=self.http, settings=self.settings, data_keys=self.data_keys)
+        return Worker(refresher=self.refresher, webhooks=sender)
+
+    def start_worker(self) -> None:
+        self.worker = self.new_worker()
+        self.worker.start()
 
     async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
         await self.http.close()
         await self.db.dispose()

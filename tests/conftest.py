@@ -81,6 +81,60 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@pytest.fixture(scope="session")
+def emulator():
+    """One emulator per test run, on a loopback port; tests reset it to its seed (``upstream``)."""
+    from app.emulator.server import EmulatorServer
+    from tests.support.journeys import emulator_config
+
+    with EmulatorServer(emulator_config()) as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(emulator):
+    """The emulator, back at its seed state with no faults and a BAA-less client."""
+    emulator.controls.reset_state()
+    return emulator
+
+
+@pytest.fixture
+def connected_settings(settings: Settings, upstream) -> Settings:
+    """Settings whose Salesmsg is the emulator."""
+    from tests.support.journeys import CLIENT_ID, CLIENT_SECRET
+
+    return settings.model_copy(
+        update={
+            "salesmsg_api_base": upstream.api_base,
+            "salesmsg_authorize_url": upstream.authorize_url,
+            "salesmsg_client_id": CLIENT_ID,
+            "salesmsg_client_secret": CLIENT_SECRET,
+        }
+    )
+
+
+@pytest.fixture
+async def live_app(connected_settings: Settings):
+    """The app wired to the emulator, lifespan running."""
+    application = create_app(connected_settings, configure_logs=False)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def runtime(live_app):
+    return live_app.state.runtime
+
+
+@pytest.fixture
+async def browser(live_app, upstream):
+    from tests.support.journeys import Browser
+
+    b = Browser(live_app, upstream.url)
+    yield b
+    await b.close()
+
+
 @pytest.fixture
 async def db_session(database_url: str) -> AsyncIterator[AsyncSession]:
     """A session inside a transaction that is rolled back after the test."""

@@ -1,0 +1,49 @@
+"""Fixtures for the emulator suite: one running emulator per session, reset before each test.
+
+The tests talk to it only over loopback HTTP, with httpx and with authlib's
+OAuth2 client as an independent client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.emulator.server import EmulatorServer
+
+from .support import ALL_SCOPES, REDIRECT_URI, Flow, OAuth2Client, make_config
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[EmulatorServer]:
+    with EmulatorServer(make_config()) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(request: pytest.FixtureRequest) -> None:
+    """Every test that uses the shared emulator starts from the seed, without faults."""
+    if "emulator" in request.fixturenames:
+        request.getfixturevalue("emulator").controls.reset_state()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture
+def flow(emulator: EmulatorServer, http: httpx.Client) -> Flow:
+    return Flow(emulator, http)
+
+
+@pytest.fixture
+def oauth_client() -> Iterator[OAuth2Client]:
+    """authlib's OAuth2 client registered as test-client (HTTP Basic at the token endpoint)."""
+    client = OAuth2Client("test-client", "test-secret", scope=ALL_SCOPES, redirect_uri=REDIRECT_URI,
+                          code_challenge_method="S256", trust_env=False, timeout=10)  # fmt: skip
+    with client:
+        yield client
