@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from app import audit, keys, people, tenants
+from app import api_keys, audit, keys, people, tenants
 from app.audit import Actor
 from app.errors import AppError
 from app.runtime import Runtime
@@ -23,6 +23,7 @@ tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants (one per customer o
 user_cli = typer.Typer(no_args_is_help=True, help="People who sign in to the dashboard.")
 keys_cli = typer.Typer(no_args_is_help=True, help="Master keys and tenant data keys.")
 audit_cli = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+api_key_cli = typer.Typer(no_args_is_help=True, help="API keys for internal services.")
 
 CLI_ACTOR = Actor("cli", "cli")
 
@@ -174,3 +175,73 @@ def audit_verify(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     emit(data, as_json, f"{report.rows} rows, chain intact" if report.ok else f"chain broken at row {report.broken_at}: {report.reason}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def key_dict(row, key: str | None = None, tenant_slugs: list[str] | None = None) -> dict[str, Any]:
+    data = {
+        "id": str(row.id),
+        "name": row.name,
+        "prefix": row.prefix,
+        "tenants": "all" if row.all_tenants else tenant_slugs or [],
+        "read_only": row.read_only,
+        "operator": row.operator,
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "revoked": row.revoked_at is not None,
+        "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None,
+    }
+    if key is not None:
+        data["key"] = key
+    return data
+
+
+@api_key_cli.command("create")
+def api_key_create(
+    name: Annotated[str, typer.Option(help="What the key is for")],
+    tenant: Annotated[Optional[list[str]], typer.Option("--tenant", help="Limit to this tenant (repeat); all when omitted")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="GET and HEAD only")] = False,
+    operator: Annotated[bool, typer.Option("--operator", help="May also manage tenants, HIPAA and BAA")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create an API key; the key is printed once and stored only as a hash."""
+
+    async def go(runtime: Runtime) -> dict[str, Any]:
+        async with runtime.db.session() as session:
+            row, key = await api_keys.create_api_key(
+                session, name=name, tenant_refs=list(tenant) if tenant else None, read_only=read_only, operator=operator, actor=CLI_ACTOR
+            )
+            return key_dict(row, key, list(tenant) if tenant else None)
+
+    created = run(go)
+    emit(created, as_json, f"{created['key']}\n(shown once) key {created['prefix']} for {created['tenants']}")
+
+
+@api_key_cli.command("list")
+def api_key_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List API keys (never the keys themselves)."""
+
+    async def go(runtime: Runtime) -> list[dict[str, Any]]:
+        async with runtime.db.session() as session:
+            return [key_dict(row) for row in await api_keys.list_keys(session)]
+
+    rows = run(go)
+    lines = [f"{r['id']}  {r['prefix']}  {r['name']:24} revoked={str(r['revoked']).lower()}" for r in rows]
+    emit(rows, as_json, "\n".join(lines) or "no keys")
+
+
+@api_key_cli.command("revoke")
+def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (see `api-key list`)")]) -> None:
+    """Revoke a key: refused from the next request on, in every process."""
+    import uuid as _uuid
+
+    try:
+        parsed = _uuid.UUID(key_id)
+    except ValueError:
+        typer.echo("error: give the key's id (a UUID) from `api-key list`", err=True)
+        raise typer.Exit(2) from None
+
+    async def go(runtime: Runtime) -> None:
+        async with runtime.db.session() as session:
+            await api_keys.revoke_api_key(session, key_id=parsed, actor=CLI_ACTOR)
+
+    run(go)
+    typer.echo(f"revoked {key_id}")

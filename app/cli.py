@@ -18,12 +18,13 @@ cli.add_typer(db_cli, name="db")
 
 
 def _register_admin_commands() -> None:
-    from app.admin_cli import audit_cli, keys_cli, tenant_cli, user_cli
+    from app.admin_cli import api_key_cli, audit_cli, keys_cli, tenant_cli, user_cli
 
     cli.add_typer(tenant_cli, name="tenant")
     cli.add_typer(user_cli, name="user")
     cli.add_typer(keys_cli, name="keys")
     cli.add_typer(audit_cli, name="audit")
+    cli.add_typer(api_key_cli, name="api-key")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

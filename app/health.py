@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+from app import metrics
 
 from app.migrate import current_revision
 from app.runtime import Runtime
@@ -39,3 +41,12 @@ async def readyz(request: Request) -> JSONResponse:
             status_code=503,
         )
     return JSONResponse({"status": "ok", "checks": {"database": "ok", "migrations": revision}})
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition: requests, latency, refreshes, upstream status, proxy denials."""
+    if not request.app.state.settings.metrics_enabled:
+        return JSONResponse({"error": {"code": "not_found", "message": "Metrics are off."}}, status_code=404)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

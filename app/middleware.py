@@ -17,9 +17,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import get_logger
+from app.metrics import REQUEST_SECONDS, REQUESTS
 
 log = get_logger("app.access")
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
 CSP = (
@@ -92,10 +94,11 @@ class RequestContextMiddleware:
             response = await self.on_error(Request(scope), exc)
             await response(scope, receive, send_wrapper)
         finally:
-            log.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            if not template.startswith("/api/v1/tenants/{tenant}/proxy"):  # the proxy counts itself
+                method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+                REQUESTS.labels(template, method, str(status)).inc()
+                REQUEST_SECONDS.labels(template).observe(elapsed)
+            log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))

@@ -45,7 +45,7 @@ from app.metrics import REFRESH_SECONDS, REFRESHES
 from app.models import Connection
 from app.settings import Settings
 from app.token_endpoint import TokenEndpointError, TokenResponse
-from app.vault import DataKeyCache
+from app.vault import DataKey, DataKeyCache
 
 log = get_logger(__name__)
 
@@ -141,17 +141,26 @@ class Refresher:
     def fresh_enough(self, expires_at: datetime | None, now: datetime | None = None) -> bool:
         return expires_at is None or expires_at - (now or datetime.now(UTC)) > self.margin
 
-    async def access_token(self, snapshot: Snapshot, *, force: bool = False) -> AccessToken:
+    async def access_token(self, snapshot: Snapshot, *, key: DataKey | None = None) -> AccessToken:
         """A valid access token for the connection: the stored one, or a refreshed one.
 
-        ``force`` refreshes even a token we believe valid (Salesmsg answered 401 with it),
-        unless someone already replaced the token the caller saw.
+        ``key`` is the tenant's data key when the caller already has it (the proxy reads it in
+        its single query); otherwise it is loaded.
         """
         if snapshot.status != ACTIVE or snapshot.access_token_ct is None:
             raise ConnectionNeedsReauth() if snapshot.status == NEEDS_REAUTH else NotConnected()
-        if not force and self.fresh_enough(snapshot.access_expires_at):
-            return AccessToken(await self._open(snapshot.tenant_id, snapshot.id, snapshot.access_token_ct), snapshot.version, snapshot.access_expires_at)
-        return await self._single_flight(snapshot.id, seen_version=snapshot.version, force=force)
+        if self.fresh_enough(snapshot.access_expires_at):
+            if key is not None:
+                value = key.open_text(snapshot.access_token_ct, owner=snapshot.id, field="access_token")
+            else:
+                value = await self._open(snapshot.tenant_id, snapshot.id, snapshot.access_token_ct)
+            return AccessToken(value, snapshot.version, snapshot.access_expires_at)
+        return await self._single_flight(snapshot.id, seen_version=snapshot.version, force=False)
+
+    async def force_refresh(self, connection_id: uuid.UUID, *, seen_version: int) -> AccessToken:
+        """Refresh even a token we believe valid (Salesmsg answered 401 with it), unless
+        someone already replaced the token of ``seen_version``."""
+        return await self._single_flight(connection_id, seen_version=seen_version, force=True)
 
     async def _open(self, tenant_id: uuid.UUID, connection_id: uuid.UUID, blob: bytes) -> str:
         async with self.db.sessionmaker() as session:

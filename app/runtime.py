@@ -9,7 +9,11 @@ import aiohttp
 
 from app.db import Database, create_engine
 from app.migrate import head_revision
+from app.audit_writer import AuditWriter
+from app.proxy import Proxy
+from app.rate_limits import RateLimits
 from app.refresh import Refresher
+from app.usage import UsageRecorder
 from app.settings import Settings
 from app.vault import DataKeyCache, Keyring
 
@@ -43,6 +47,10 @@ class Runtime:
     keyring: Keyring
     data_keys: DataKeyCache
     refresher: Refresher
+    audit_writer: AuditWriter
+    usage: UsageRecorder
+    rate_limits: RateLimits
+    proxy: Proxy
     worker: "Worker | None" = field(default=None)
 
     @classmethod
@@ -51,6 +59,14 @@ class Runtime:
         http = create_http_session(settings)
         keyring = Keyring(settings.keyring_entries)
         data_keys = DataKeyCache(keyring)
+        refresher = Refresher(db=db, http=http, settings=settings, data_keys=data_keys)
+        audit_writer = AuditWriter(db)
+        usage = UsageRecorder(db)
+        rate_limits = RateLimits(settings)
+        proxy = Proxy(
+            settings=settings, db=db, http=http, refresher=refresher, data_keys=data_keys,
+            audit_writer=audit_writer, usage=usage, rate_limits=rate_limits,
+        )
         runtime = cls(
             settings=settings,
             db=db,
@@ -58,8 +74,14 @@ class Runtime:
             migration_head=head_revision(),
             keyring=keyring,
             data_keys=data_keys,
-            refresher=Refresher(db=db, http=http, settings=settings, data_keys=data_keys),
+            refresher=refresher,
+            audit_writer=audit_writer,
+            usage=usage,
+            rate_limits=rate_limits,
+            proxy=proxy,
         )
+        audit_writer.start()
+        usage.start()
         return runtime
 
     def new_worker(self) -> "Worker":
@@ -76,5 +98,8 @@ class Runtime:
     async def stop(self) -> None:
         if self.worker is not None:
             await self.worker.stop()
+        await self.usage.stop()
+        await self.audit_writer.stop()
+        await self.rate_limits.close()
         await self.http.close()
         await self.db.dispose()

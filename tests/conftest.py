@@ -127,6 +127,14 @@ def runtime(live_app):
 
 
 @pytest.fixture
+async def client_for(live_app):
+    """An API client (no cookies) for the app wired to the emulator."""
+    transport = httpx.ASGITransport(app=live_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        yield http
+
+
+@pytest.fixture
 async def browser(live_app, upstream):
     from tests.support.journeys import Browser
 

@@ -25,6 +25,9 @@ from app.emulator.faults import FailRule
 from app.emulator.oauth import PAT_REFRESH_PATH, REFRESH_PATH, TOKEN_PATH
 from app.emulator.runtime import Emulator
 
+# "{id:int}" in a route path is counted as "{id}"
+_CONVERTER = re.compile(r":[a-z]+}")
+
 TOKEN_PATHS = (TOKEN_PATH, REFRESH_PATH, PAT_REFRESH_PATH)
 _MULTIPART_GRANT = re.compile(rb'name="grant_type"\r\n\r\n([a-z_]+)')
 
@@ -82,9 +85,9 @@ class EmulatorMiddleware:
             match, _ = route.matches(scope)
             path = getattr(route, "path", "")
             if match is Match.FULL:
-                return path[len(API_PREFIX) :]
+                return _CONVERTER.sub("}", path[len(API_PREFIX) :])
             if match is Match.PARTIAL and partial is None:
-                partial = path[len(API_PREFIX) :]
+                partial = _CONVERTER.sub("}", path[len(API_PREFIX) :])
         return partial or "(unmatched)"
 
     async def _classify(self, scope: Scope, receive: Receive) -> tuple[list[str], Receive]:

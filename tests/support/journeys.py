@@ -150,3 +150,54 @@ async def make_user(runtime: Runtime, email: str, *, role: str = "operator", ten
         return await people.create_user(
             session, email=email, password=PASSWORD, role=role, tenant=tenant, actor=Actor.system()
         )
+
+
+async def make_api_key(
+    runtime: Runtime, *, tenants: list[str] | None = None, read_only: bool = False, operator: bool = False, name: str = "svc"
+) -> str:
+    from app import api_keys
+
+    async with runtime.db.session() as session:
+        _, key = await api_keys.create_api_key(
+            session, name=name, tenant_refs=tenants, read_only=read_only, operator=operator, actor=Actor.system()
+        )
+    return key
+
+
+async def sign_baa(runtime: Runtime, slug: str) -> None:
+    from app import baa
+
+    async with runtime.db.session() as session:
+        tenant = await tenants.get_tenant(session, slug)
+        await baa.sign(session, tenant, reference="BAA-TEST", signed_by="op", actor=Actor.system())
+
+
+async def connected_tenant(
+    runtime: Runtime,
+    browser: Browser,
+    slug: str,
+    *,
+    hipaa: bool = False,
+    scopes: list[str] | None = None,
+    user_id: int = PLAIN_USER,
+    baa: bool = False,
+) -> Tenant:
+    """A tenant connected through the real OAuth flow (an operator signs in to do it)."""
+    tenant = await make_tenant(runtime, slug, hipaa=hipaa)
+    if baa:
+        await sign_baa(runtime, slug)
+    if not browser.app_client.cookies.get("smc_session"):
+        try:
+            await make_user(runtime, "connector@example.com")
+        except Exception:  # noqa: BLE001 - already made by an earlier call in this test
+            pass
+        await browser.login("connector@example.com")
+    answer = await browser.connect(slug, scopes or DEFAULT_SCOPES, user_id=user_id)
+    assert answer.status_code == 303, answer.text
+    return tenant
+
+
+DEFAULT_SCOPES = [
+    "conversations:read", "conversations:write", "messages:read", "messages:write", "contacts:read",
+    "contacts:write", "teams:read", "users:read", "organizations:read", "tags:read",
+]

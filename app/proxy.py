@@ -1,0 +1,485 @@
+"""The REST proxy: ``/api/v1/tenants/{tenant}/proxy/{path}`` to ``SMC_SALESMSG_API_BASE/{path}``.
+
+The hot path (DESIGN.md, "The proxy's hot path"): a plain ASGI handler, one database round trip
+per request (key, tenant, BAA state, connection and wrapped data key in one query, so a revoked
+key or BAA, a disconnect or a refresh elsewhere takes effect on the next request in every
+process), the pooled aiohttp session upstream, bodies relayed as bytes.
+
+Rules, in order, before anything reaches Salesmsg: a well-formed key in the Authorization header
+(never the query string); a safe path under the API base; a known endpoint (fail closed); the
+rate limits; the key covers the tenant and may write if the method writes; the connection is
+active; the endpoint's scope is granted; a PHI scope on a HIPAA tenant needs a signed BAA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+from sqlalchemy import and_, bindparam, exists, select
+from starlette.types import Receive, Scope, Send
+
+from app import api_keys, scopes
+from app.audit import ACTOR_API_KEY, Actor, AuditRecord
+from app.audit_writer import AuditWriter
+from app.db import Database
+from app.endpoints import READ_METHODS, Endpoint, resolve
+from app.errors import BAA_REQUIRED_MESSAGE, AppError
+from app.idempotency import Idempotency, IdempotencyError, Stored, fingerprint, valid_key
+from app.logs import get_logger
+from app.metrics import PROXY_DENIALS, REQUESTS, REQUEST_SECONDS, UPSTREAM_SECONDS, UPSTREAM_STATUS
+from app.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
+from app.rate_limits import RateLimits
+from app.refresh import Refresher, Snapshot
+from app.settings import Settings
+from app.usage import UsageRecorder
+from app.vault import DataKey, DataKeyCache, VaultError
+
+log = get_logger(__name__)
+
+PREFIX = "/api/v1/tenants/"
+ROUTE = "/api/v1/tenants/{tenant}/proxy/{path}"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
+FORWARD_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"accept-language", b"if-none-match", b"if-modified-since"})
+RELAY_RESPONSE_HEADERS = frozenset(
+    {"content-type", "content-encoding", "retry-after", "etag", "last-modified", "cache-control", "content-language"}
+)
+QUERY_KEY_NAMES = re.compile(rb"(?:^|&)(api_key|apikey|key|access_token|token)=", re.IGNORECASE)
+_SCOPE_SETS: dict[str, frozenset[str]] = {}
+_PARAM_PREFIX = bindparam("prefix")
+_PARAM_SLUG = bindparam("slug")
+_PARAM_ID = bindparam("tenant_id")
+
+
+class Refusal(Exception):
+    """A request refused before Salesmsg; rendered as our JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _scope_set(raw: str) -> frozenset[str]:
+    found = _SCOPE_SETS.get(raw)
+    if found is None:
+        found = frozenset(raw.split())
+        if len(_SCOPE_SETS) < 10_000:
+            _SCOPE_SETS[raw] = found
+    return found
+
+
+def safe_path(raw_tail: bytes) -> str:
+    """Decode the path once and keep it strictly under the API base, or refuse."""
+    try:
+        text = raw_tail.decode("ascii")
+    except UnicodeDecodeError:
+        raise Refusal(400, "invalid_path", "The path is not plain ASCII.") from None
+    decoded = unquote(text)
+    if "%" in decoded:
+        raise Refusal(400, "invalid_path", "Encoded characters in the path are not allowed.")
+    if not decoded or len(decoded) > 1024:
+        raise Refusal(400, "invalid_path", "The path is empty or too long.")
+    segments = decoded.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not SAFE_SEGMENT.fullmatch(segment):
+            raise Refusal(400, "invalid_path", "The path may hold only letters, digits, '-', '_' and '.' between single slashes.")
+    return decoded
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+@dataclass(slots=True)
+class Grant:
+    """What the single lookup query returns."""
+
+    key_id: uuid.UUID
+    key_hash: str
+    all_tenants: bool
+    read_only: bool
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    tenant_id: uuid.UUID | None
+    slug: str | None
+    hipaa: bool | None
+    baa_signed_at: datetime | None
+    covered: bool
+    conn_id: uuid.UUID | None
+    kind: str | None
+    status: str | None
+    scopes: str | None
+    version: int | None
+    access_token_ct: bytes | None
+    access_expires_at: datetime | None
+    data_key_id: uuid.UUID | None
+    master_key_id: str | None
+    wrapped_key: bytes | None
+
+
+def _lookup_statement(by_id: bool):
+    tenant_match = Tenant.id == _PARAM_ID if by_id else Tenant.slug == _PARAM_SLUG
+    covered = exists().where(and_(ApiKeyTenant.api_key_id == ApiKey.id, ApiKeyTenant.tenant_id == Tenant.id))
+    return (
+        select(
+            ApiKey.id, ApiKey.key_hash, ApiKey.all_tenants, ApiKey.read_only, ApiKey.revoked_at, ApiKey.last_used_at,
+            Tenant.id, Tenant.slug, Tenant.hipaa, Tenant.baa_signed_at, covered.label("covered"),
+            Connection.id, Connection.kind, Connection.status, Connection.scopes, Connection.version,
+            Connection.access_token_ct, Connection.access_expires_at,
+            TenantKey.id, TenantKey.master_key_id, TenantKey.wrapped_key,
+        )
+        .select_from(ApiKey)
+        .outerjoin(Tenant, tenant_match)
+        .outerjoin(Connection, Connection.tenant_id == Tenant.id)
+        .outerjoin(TenantKey, TenantKey.tenant_id == Tenant.id)
+        .where(ApiKey.prefix == _PARAM_PREFIX)
+    )
+
+
+def _error(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+
+
+class Proxy:
+    """The per-process proxy service; ``handle`` is the ASGI entry point."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        http: aiohttp.ClientSession,
+        refresher: Refresher,
+        data_keys: DataKeyCache,
+        audit_writer: AuditWriter,
+        usage: UsageRecorder,
+        rate_limits: RateLimits,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.http = http
+        self.refresher = refresher
+        self.data_keys = data_keys
+        self.audit = audit_writer
+        self.usage = usage
+        self.rate_limits = rate_limits
+        self.base = settings.salesmsg_api_base
+        self.by_slug = _lookup_statement(by_id=False)
+        self.by_id = _lookup_statement(by_id=True)
+        self.timeout = aiohttp.ClientTimeout(
+            total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
+        )
+        self.idempotency = Idempotency(
+            db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
+            wait_seconds=settings.salesmsg_timeout_seconds + 5,
+        )
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        method = scope["method"]
+        state = scope.setdefault("state", {})
+        request_id = state.get("request_id", "")
+        context: dict[str, Any] = {"endpoint": None, "grant": None, "prefix": None}
+        try:
+            status, headers, body = await self._serve(scope, receive, method, request_id, context)
+        except Refusal as refusal:
+            PROXY_DENIALS.labels(refusal.code).inc()
+            status, body = refusal.status, _error(refusal.code, refusal.message)
+            headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in refusal.headers.items())]
+            self._audit(context, method, request_id, status, started, decision=refusal.code)
+        except AppError as exc:  # from the refresh engine: 409 needs_reauth, 503 refresh_unavailable
+            PROXY_DENIALS.labels(exc.code).inc()
+            status, body = exc.status_code, _error(exc.code, exc.message)
+            headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+            self._audit(context, method, request_id, status, started, decision=exc.code)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        elapsed = time.perf_counter() - started
+        REQUESTS.labels(ROUTE, method, str(status)).inc()
+        REQUEST_SECONDS.labels(ROUTE).observe(elapsed)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, method: str, request_id: str, context: dict[str, Any]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        started = time.perf_counter()
+        if method not in METHODS:
+            raise Refusal(405, "method_not_allowed", "That method is not proxied.")
+        query: bytes = scope.get("query_string", b"")
+        if QUERY_KEY_NAMES.search(query):
+            raise Refusal(400, "api_key_in_query", "Send the API key in the Authorization header, never in the URL.")
+        if len(query) > 4096 or not SAFE_QUERY.fullmatch(query):
+            raise Refusal(400, "invalid_query", "The query string is too long or holds invalid characters.")
+        tenant_ref, raw_tail = self._split(scope)
+        presented = self._bearer(scope)
+        prefix = api_keys.parse(presented) if presented else None
+        context["prefix"] = prefix
+        path = safe_path(raw_tail)
+        endpoint = resolve(method, path)
+        if endpoint is None:
+            raise Refusal(404, "unknown_endpoint", "This Salesmsg endpoint is not one the proxy knows; it is refused.")
+        context["endpoint"] = endpoint
+        if presented is None:
+            raise Refusal(401, "missing_api_key", "Send 'Authorization: Bearer <api key>'.", {"WWW-Authenticate": "Bearer"})
+        if prefix is None:
+            raise Refusal(401, "invalid_api_key", "The API key is not valid.", {"WWW-Authenticate": "Bearer"})
+        grant = await self._lookup(prefix, tenant_ref)
+        if grant is None or grant.revoked_at is not None or not api_keys.matches(grant.key_hash, presented):
+            context["prefix"] = None if grant is None else prefix
+            raise Refusal(401, "invalid_api_key", "The API key is not valid.", {"WWW-Authenticate": "Bearer"})
+        context["grant"] = grant
+        self.usage.touch(grant.key_id, grant.last_used_at)
+        if grant.tenant_id is None or not (grant.all_tenants or grant.covered):
+            raise Refusal(404, "tenant_not_found", "No such tenant for this key.")
+        wait = await self.rate_limits.check(key_id=str(grant.key_id), tenant_id=str(grant.tenant_id))
+        if wait is not None:
+            raise Refusal(429, "rate_limited", "Too many requests for this key or tenant.", {"Retry-After": str(wait)})
+        if grant.read_only and method not in READ_METHODS:
+            raise Refusal(403, "read_only_key", "This API key is read-only.")
+        if grant.conn_id is None or grant.status == "disconnected" or grant.access_token_ct is None:
+            raise Refusal(409, "not_connected", "The tenant has no active Salesmsg connection.")
+        if grant.status == "needs_reauth":
+            raise Refusal(409, "connection_needs_reauth", "The tenant's Salesmsg connection must be reconnected.")
+        if endpoint.scope not in _scope_set(grant.scopes or ""):
+            raise Refusal(403, "insufficient_scope", f"The connection was not granted {endpoint.scope}.")
+        if grant.kind == "oauth" and grant.hipaa and grant.baa_signed_at is None and scopes.is_phi(endpoint.scope):
+            raise Refusal(403, "baa_required", BAA_REQUIRED_MESSAGE)
+        body = await self._body(scope, receive)
+        key = self._data_key(grant)
+        idem_key = self._header(scope, b"idempotency-key")
+        if idem_key is not None and method == "POST":
+            return await self._idempotent(scope, method, path, query, body, grant, key, idem_key, request_id, context, started)
+        status, headers, payload, _reached = await self._forward(scope, method, path, query, body, grant, key, request_id)
+        self._audit(context, method, request_id, status, started, decision="allowed")
+        return status, headers, payload
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _split(self, scope: Scope) -> tuple[str, bytes]:
+        raw = scope.get("raw_path") or scope["path"].encode()
+        raw = raw.split(b"?", 1)[0]
+        rest = raw[len(PREFIX):]
+        tenant, sep, tail = rest.partition(b"/proxy/")
+        if not sep or not tenant or b"/" in tenant:
+            raise Refusal(404, "not_found", "Nothing was found here.")
+        try:
+            return unquote(tenant.decode("ascii")), tail
+        except UnicodeDecodeError:
+            raise Refusal(404, "tenant_not_found", "No such tenant for this key.") from None
+
+    @staticmethod
+    def _header(scope: Scope, name: bytes) -> str | None:
+        for key, value in scope["headers"]:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def _bearer(self, scope: Scope) -> str | None:
+        value = self._header(scope, b"authorization")
+        if value is None:
+            return None
+        kind, _, token = value.partition(" ")
+        return token.strip() if kind.lower() == "bearer" and token.strip() else ""
+
+    async def _lookup(self, prefix: str, tenant_ref: str) -> Grant | None:
+        try:
+            tenant_id = uuid.UUID(tenant_ref)
+        except ValueError:
+            tenant_id = None
+        statement = self.by_id if tenant_id else self.by_slug
+        params = {"prefix": prefix, "tenant_id": tenant_id} if tenant_id else {"prefix": prefix, "slug": tenant_ref.lower()}
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(statement, params)).first()
+        return Grant(*row) if row is not None else None
+
+    def _data_key(self, grant: Grant) -> DataKey:
+        if grant.data_key_id is None or grant.master_key_id is None or grant.wrapped_key is None:
+            raise Refusal(409, "not_connected", "The tenant's keys were shredded; connect again.")
+        try:
+            return self.data_keys.get(key_id=grant.data_key_id, tenant_id=grant.tenant_id, master_key_id=grant.master_key_id,
+                                      wrapped=grant.wrapped_key)  # type: ignore[arg-type]
+        except VaultError:
+            log.error("data key does not open", tenant_id=str(grant.tenant_id))
+            raise Refusal(503, "vault_unavailable", "The tenant's token cannot be opened; an operator must check the keys.") from None
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.settings.proxy_max_body_bytes
+        declared = self._header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Refusal(413, "payload_too_large", f"The body is over {limit} bytes.")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Refusal(400, "client_disconnected", "The client went away.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise Refusal(413, "payload_too_large", f"The body is over {limit} bytes.")
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _upstream_headers(self, scope: Scope, token: str, request_id: str) -> dict[str, str]:
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in FORWARD_REQUEST_HEADERS
+        }
+        headers["Authorization"] = f"Bearer {token}"
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        return headers
+
+    async def _forward(
+        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, grant: Grant, key: DataKey, request_id: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Call Salesmsg with retries; returns status, headers, body and whether Salesmsg was reached."""
+        snapshot = Snapshot(grant.conn_id, grant.tenant_id, grant.kind, grant.status, grant.version,  # type: ignore[arg-type]
+                            grant.access_token_ct, grant.access_expires_at)
+        token = await self.refresher.access_token(snapshot, key=key)
+        url = f"{self.base}/{path}" + (f"?{query.decode('ascii')}" if query else "")
+        attempt, forced, reached = 0, False, False
+        retries = self.settings.proxy_max_retries if method in IDEMPOTENT else 0
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self.http.request(
+                    method, url, data=body or None, headers=self._upstream_headers(scope, token.value, request_id),
+                    allow_redirects=False, timeout=self.timeout, skip_auto_headers=("Accept-Encoding",),
+                ) as resp:
+                    payload = await resp.read()
+                    status, upstream_headers = resp.status, resp.headers
+                reached = True
+            except asyncio.TimeoutError:
+                UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
+                if attempt < retries:
+                    attempt += 1
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                return 504, _json_headers(), _error("upstream_timeout", "Salesmsg did not answer in time."), True
+            except aiohttp.ClientError as exc:
+                UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
+                if attempt < retries:
+                    attempt += 1
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                never_sent = isinstance(exc, aiohttp.ClientConnectorError)
+                return 502, _json_headers(), _error("upstream_unavailable", "Salesmsg could not be reached."), not never_sent and reached
+            UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
+            UPSTREAM_STATUS.labels(str(status)).inc()
+            if status == 401 and not forced:
+                forced = True  # Salesmsg refused a token we believed valid: refresh once, retry once
+                token = await self.refresher.force_refresh(grant.conn_id, seen_version=token.version)  # type: ignore[arg-type]
+                continue
+            if status in RETRY_STATUSES and attempt < retries:
+                delay = retry_after_seconds(upstream_headers.get("Retry-After"))
+                if delay is None:
+                    delay = self._backoff(attempt + 1)
+                if delay <= self.settings.proxy_retry_after_cap_seconds:
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    continue
+            headers = [(k.lower().encode(), v.encode("latin-1")) for k, v in upstream_headers.items() if k.lower() in RELAY_RESPONSE_HEADERS]
+            if status == 429 and "Retry-After" not in upstream_headers:
+                headers.append((b"retry-after", b"60"))  # Salesmsg locks out for 60 s and sends no header
+            return status, headers, payload, True
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.settings.proxy_retry_base_seconds * 2 ** (attempt - 1)
+        return random.uniform(base / 2, base)
+
+    async def _idempotent(
+        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, grant: Grant, key: DataKey,
+        idem_key: str, request_id: str, context: dict[str, Any], started: float,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if not valid_key(idem_key):
+            raise Refusal(400, "invalid_idempotency_key", "An Idempotency-Key is 1-255 printable ASCII characters.")
+        fp = fingerprint(method, path, query, body)
+        try:
+            stored = await self.idempotency.begin(tenant_id=grant.tenant_id, key=idem_key, fp=fp, data_key=key)  # type: ignore[arg-type]
+        except IdempotencyError as exc:
+            raise Refusal(exc.status, exc.code, exc.message) from None
+        if stored is not None:
+            self._audit(context, method, request_id, stored.status, started, decision="replayed")
+            return stored.status, _stored_headers(stored), stored.body
+        try:
+            status, headers, payload, reached = await self._forward(scope, method, path, query, body, grant, key, request_id)
+        except BaseException:
+            await self.idempotency.abandon(tenant_id=grant.tenant_id, key=idem_key)  # type: ignore[arg-type]
+            raise
+        if not reached:
+            await self.idempotency.abandon(tenant_id=grant.tenant_id, key=idem_key)  # type: ignore[arg-type]
+        else:
+            content_type = next((v.decode() for k, v in headers if k == b"content-type"), None)
+            await self.idempotency.finish(tenant_id=grant.tenant_id, key=idem_key, data_key=key, status=status,  # type: ignore[arg-type]
+                                          content_type=content_type, body=payload)
+        self._audit(context, method, request_id, status, started, decision="allowed")
+        return status, headers, payload
+
+    def _audit(self, context: dict[str, Any], method: str, request_id: str, status: int, started: float, *, decision: str) -> None:
+        """Every call that touches a PHI scope, allowed or denied: never a body, never query values."""
+        endpoint: Endpoint | None = context.get("endpoint")
+        if endpoint is None or not scopes.is_phi(endpoint.scope):
+            return
+        grant: Grant | None = context.get("grant")
+        actor_id = str(grant.key_id) if grant is not None else (f"prefix:{context['prefix']}" if context.get("prefix") else None)
+        self.audit.add(
+            AuditRecord(
+                action="proxy.phi_access",
+                actor=Actor(ACTOR_API_KEY, actor_id),
+                outcome="success" if decision in ("allowed", "replayed") else "denied",
+                tenant_id=grant.tenant_id if grant is not None else None,
+                target=f"{method} {endpoint.template}",
+                request_id=request_id or None,
+                details={"scope": endpoint.scope, "status": status, "decision": decision,
+                         "latency_ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+        )
+
+
+def _json_headers() -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json")]
+
+
+def _stored_headers(stored: Stored) -> list[tuple[bytes, bytes]]:
+    headers = [(b"idempotent-replayed", b"true")]
+    if stored.content_type:
+        headers.append((b"content-type", stored.content_type.encode()))
+    return headers
+
+
+class ProxyEndpoint:
+    """The plain ASGI app mounted at ``ROUTE`` (a class, so Starlette passes ASGI through)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await scope["app"].state.runtime.proxy.handle(scope, receive, send)
