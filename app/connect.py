@@ -9,6 +9,7 @@ current BAA state at the consent submission and again at the callback, before th
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -279,7 +280,8 @@ async def connect_with_pat(
 
 
 async def _check_pat(runtime: Runtime, token: str) -> tuple[int | None, str | None]:
-    """One cheap call: any answer but 401/403 proves the token authenticates."""
+    """One cheap call. 401, or a 403 that is not about scope, means the token does not authenticate;
+    a 403 ``insufficient_scope`` means it does (it just lacks ``users:read``)."""
     try:
         async with runtime.http.get(
             runtime.settings.salesmsg_api_base + "/users/me",
@@ -287,8 +289,14 @@ async def _check_pat(runtime: Runtime, token: str) -> tuple[int | None, str | No
             timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False, auto_decompress=True,
         ) as resp:
             label = None
+            raw = await resp.read()
+            if resp.status == 403 and b"insufficient_scope" in raw:
+                return 200, None
             if resp.status == 200:
-                body = await resp.json(content_type=None)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
                 if isinstance(body, dict):
                     label = body.get("email") or body.get("name")
             return resp.status, str(label)[:200] if label else None
