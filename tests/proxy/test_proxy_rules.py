@@ -186,12 +186,14 @@ async def test_get_is_retried_on_503_with_retry_after_and_post_is_not(runtime, t
 
 async def test_retry_after_as_http_date_is_honoured(runtime, two_tenants, client_for, upstream):
     key = await make_api_key(runtime, tenants=["tenant-a"])
-    when = email.utils.formatdate(time.time() + 1, usegmt=True)
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1 to 2 s from now
     upstream.controls.fail_next(1, status=503, path_prefix="/pub/v2.2/conversations", method="GET", retry_after=when)
+    wait = email.utils.parsedate_to_datetime(when).timestamp() - time.time()
     started = time.monotonic()
     ok = await client_for.get(CONVERSATIONS.format(t="tenant-a"), headers=auth(key))
     assert ok.status_code == 200
-    assert time.monotonic() - started >= 0.3  # it waited for the date (second resolution) before retrying
+    assert upstream.controls.counter("api.GET /conversations") == 2
+    assert time.monotonic() - started >= wait - 0.1  # it waited until the date before retrying
 
 
 async def test_429_goes_back_with_retry_after_when_retries_run_out(runtime, two_tenants, client_for, upstream):
