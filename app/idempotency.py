@@ -16,6 +16,8 @@ import asyncio
 import hashlib
 import re
 import uuid
+from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -26,6 +28,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from app.db import Database
 from app.models import IdempotencyRecord
 from app.vault import DataKey
+
+if TYPE_CHECKING:
+    from app.upstream import Answer
 
 KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_SECONDS = 0.05
@@ -111,6 +116,26 @@ class Idempotency:
                         body_ct=data_key.seal(body, owner=_owner(key), field="response_body"))
                 .execution_options(synchronize_session=False)
             )
+
+    async def run(self, *, tenant_id: uuid.UUID, key: str, data_key: DataKey, call: Callable[[], Awaitable[Answer]]) -> Answer:
+        """Having gone first (``begin`` returned None): call Salesmsg and keep the answer.
+
+        An error before anything was sent (a refused refresh, say) frees the key; a cancelled
+        call keeps it pending, since the send may have happened.
+        """
+        try:
+            answer = await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await self.abandon(tenant_id=tenant_id, key=key)
+            raise
+        if not answer.reached:
+            await self.abandon(tenant_id=tenant_id, key=key)
+        else:
+            await self.finish(tenant_id=tenant_id, key=key, data_key=data_key, status=answer.status,
+                              content_type=answer.content_type, body=answer.body)
+        return answer
 
     async def abandon(self, *, tenant_id: uuid.UUID, key: str) -> None:
         """Salesmsg was never reached: forget the key so the client can retry safely."""

@@ -13,19 +13,14 @@ active; the endpoint's scope is granted; a PHI scope on a HIPAA tenant needs a s
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
-import json
-import random
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
-import aiohttp
 from sqlalchemy import and_, bindparam, exists, select
 from starlette.types import Receive, Scope, Send
 
@@ -34,14 +29,14 @@ from app.audit import ACTOR_API_KEY, Actor, AuditRecord
 from app.audit_writer import AuditWriter
 from app.db import Database
 from app.endpoints import READ_METHODS, Endpoint, resolve
-from app.errors import BAA_REQUIRED_MESSAGE, AppError
+from app.errors import AppError
 from app.idempotency import Idempotency, IdempotencyError, Stored, fingerprint, valid_key
 from app.logs import get_logger
-from app.metrics import PROXY_DENIALS, REQUESTS, REQUEST_SECONDS, UPSTREAM_SECONDS, UPSTREAM_STATUS
+from app.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS
 from app.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
 from app.rate_limits import RateLimits
-from app.refresh import Refresher, Snapshot
 from app.settings import Settings
+from app.upstream import Access, Answer, Refusal, Upstream, decide, error_json
 from app.usage import UsageRecorder
 from app.vault import DataKey, DataKeyCache, VaultError
 
@@ -50,36 +45,13 @@ log = get_logger(__name__)
 PREFIX = "/api/v1/tenants/"
 ROUTE = "/api/v1/tenants/{tenant}/proxy/{path}"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
 FORWARD_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"accept-language", b"if-none-match", b"if-modified-since"})
-RELAY_RESPONSE_HEADERS = frozenset(
-    {"content-type", "content-encoding", "retry-after", "etag", "last-modified", "cache-control", "content-language"}
-)
 QUERY_KEY_NAMES = re.compile(rb"(?:^|&)(api_key|apikey|key|access_token|token)=", re.IGNORECASE)
-_SCOPE_SETS: dict[str, frozenset[str]] = {}
 _PARAM_PREFIX = bindparam("prefix")
 _PARAM_SLUG = bindparam("slug")
 _PARAM_ID = bindparam("tenant_id")
-
-
-class Refusal(Exception):
-    """A request refused before Salesmsg; rendered as our JSON error."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def _scope_set(raw: str) -> frozenset[str]:
-    found = _SCOPE_SETS.get(raw)
-    if found is None:
-        found = frozenset(raw.split())
-        if len(_SCOPE_SETS) < 10_000:
-            _SCOPE_SETS[raw] = found
-    return found
 
 
 def safe_path(raw_tail: bytes) -> str:
@@ -98,22 +70,6 @@ def safe_path(raw_tail: bytes) -> str:
         if segment in ("", ".", "..") or not SAFE_SEGMENT.fullmatch(segment):
             raise Refusal(400, "invalid_path", "The path may hold only letters, digits, '-', '_' and '.' between single slashes.")
     return decoded
-
-
-def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
 @dataclass(slots=True)
@@ -142,6 +98,10 @@ class Grant:
     master_key_id: str | None
     wrapped_key: bytes | None
 
+    def access(self) -> Access:
+        return Access(self.tenant_id, bool(self.hipaa), self.baa_signed_at, self.conn_id, self.kind,  # type: ignore[arg-type]
+                      self.status, self.scopes, self.version, self.access_token_ct, self.access_expires_at)
+
 
 def _lookup_statement(by_id: bool):
     tenant_match = Tenant.id == _PARAM_ID if by_id else Tenant.slug == _PARAM_SLUG
@@ -162,10 +122,6 @@ def _lookup_statement(by_id: bool):
     )
 
 
-def _error(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
-
-
 class Proxy:
     """The per-process proxy service; ``handle`` is the ASGI entry point."""
 
@@ -174,8 +130,8 @@ class Proxy:
         *,
         settings: Settings,
         db: Database,
-        http: aiohttp.ClientSession,
-        refresher: Refresher,
+        upstream: Upstream,
+        idempotency: Idempotency,
         data_keys: DataKeyCache,
         audit_writer: AuditWriter,
         usage: UsageRecorder,
@@ -183,22 +139,14 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.db = db
-        self.http = http
-        self.refresher = refresher
+        self.upstream = upstream
         self.data_keys = data_keys
         self.audit = audit_writer
         self.usage = usage
         self.rate_limits = rate_limits
-        self.base = settings.salesmsg_api_base
+        self.idempotency = idempotency
         self.by_slug = _lookup_statement(by_id=False)
         self.by_id = _lookup_statement(by_id=True)
-        self.timeout = aiohttp.ClientTimeout(
-            total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
-        )
-        self.idempotency = Idempotency(
-            db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
-            wait_seconds=settings.salesmsg_timeout_seconds + 5,
-        )
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -210,14 +158,9 @@ class Proxy:
         context: dict[str, Any] = {"endpoint": None, "grant": None, "prefix": None}
         try:
             status, headers, body = await self._serve(scope, receive, method, request_id, context)
-        except Refusal as refusal:
-            PROXY_DENIALS.labels(refusal.code).inc()
-            status, body = refusal.status, _error(refusal.code, refusal.message)
-            headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in refusal.headers.items())]
-            self._audit(context, method, request_id, status, started, decision=refusal.code)
-        except AppError as exc:  # from the refresh engine: 409 needs_reauth, 503 refresh_unavailable
+        except AppError as exc:  # our refusals, and the refresh engine's 409 needs_reauth / 503
             PROXY_DENIALS.labels(exc.code).inc()
-            status, body = exc.status_code, _error(exc.code, exc.message)
+            status, body = exc.status_code, error_json(exc.code, exc.message)
             headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
             self._audit(context, method, request_id, status, started, decision=exc.code)
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -263,22 +206,16 @@ class Proxy:
             raise Refusal(429, "rate_limited", "Too many requests for this key or tenant.", {"Retry-After": str(wait)})
         if grant.read_only and method not in READ_METHODS:
             raise Refusal(403, "read_only_key", "This API key is read-only.")
-        if grant.conn_id is None or grant.status == "disconnected" or grant.access_token_ct is None:
-            raise Refusal(409, "not_connected", "The tenant has no active Salesmsg connection.")
-        if grant.status == "needs_reauth":
-            raise Refusal(409, "connection_needs_reauth", "The tenant's Salesmsg connection must be reconnected.")
-        if endpoint.scope not in _scope_set(grant.scopes or ""):
-            raise Refusal(403, "insufficient_scope", f"The connection was not granted {endpoint.scope}.")
-        if grant.kind == "oauth" and grant.hipaa and grant.baa_signed_at is None and scopes.is_phi(endpoint.scope):
-            raise Refusal(403, "baa_required", BAA_REQUIRED_MESSAGE)
+        access = grant.access()
+        decide(access, endpoint)
         body = await self._body(scope, receive)
         key = self._data_key(grant)
         idem_key = self._header(scope, b"idempotency-key")
         if idem_key is not None and method == "POST":
-            return await self._idempotent(scope, method, path, query, body, grant, key, idem_key, request_id, context, started)
-        status, headers, payload, _reached = await self._forward(scope, method, path, query, body, grant, key, request_id)
-        self._audit(context, method, request_id, status, started, decision="allowed")
-        return status, headers, payload
+            return await self._idempotent(scope, method, path, query, body, access, key, idem_key, request_id, context, started)
+        answer = await self._forward(scope, method, path, query, body, access, key, request_id)
+        self._audit(context, method, request_id, answer.status, started, decision="allowed")
+        return answer.status, answer.headers, answer.body
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -349,102 +286,39 @@ class Proxy:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _upstream_headers(self, scope: Scope, token: str, request_id: str) -> dict[str, str]:
+    async def _forward(
+        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, access: Access, key: DataKey, request_id: str
+    ) -> Answer:
+        """Only the caller's content headers go upstream: its Authorization, Cookie, Host,
+        X-Forwarded-*, hop-by-hop and every other header stay here."""
         headers = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in scope["headers"]
             if name in FORWARD_REQUEST_HEADERS
         }
-        headers["Authorization"] = f"Bearer {token}"
-        if request_id:
-            headers["X-Request-ID"] = request_id
-        return headers
-
-    async def _forward(
-        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, grant: Grant, key: DataKey, request_id: str
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """Call Salesmsg with retries; returns status, headers, body and whether Salesmsg was reached."""
-        snapshot = Snapshot(grant.conn_id, grant.tenant_id, grant.kind, grant.status, grant.version,  # type: ignore[arg-type]
-                            grant.access_token_ct, grant.access_expires_at)
-        token = await self.refresher.access_token(snapshot, key=key)
-        url = f"{self.base}/{path}" + (f"?{query.decode('ascii')}" if query else "")
-        attempt, forced, reached = 0, False, False
-        retries = self.settings.proxy_max_retries if method in IDEMPOTENT else 0
-        while True:
-            started = time.perf_counter()
-            try:
-                async with self.http.request(
-                    method, url, data=body or None, headers=self._upstream_headers(scope, token.value, request_id),
-                    allow_redirects=False, timeout=self.timeout, skip_auto_headers=("Accept-Encoding",),
-                ) as resp:
-                    payload = await resp.read()
-                    status, upstream_headers = resp.status, resp.headers
-                reached = True
-            except asyncio.TimeoutError:
-                UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
-                if attempt < retries:
-                    attempt += 1
-                    await asyncio.sleep(self._backoff(attempt))
-                    continue
-                return 504, _json_headers(), _error("upstream_timeout", "Salesmsg did not answer in time."), True
-            except aiohttp.ClientError as exc:
-                UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
-                if attempt < retries:
-                    attempt += 1
-                    await asyncio.sleep(self._backoff(attempt))
-                    continue
-                never_sent = isinstance(exc, aiohttp.ClientConnectorError)
-                return 502, _json_headers(), _error("upstream_unavailable", "Salesmsg could not be reached."), not never_sent and reached
-            UPSTREAM_SECONDS.labels(method).observe(time.perf_counter() - started)
-            UPSTREAM_STATUS.labels(str(status)).inc()
-            if status == 401 and not forced:
-                forced = True  # Salesmsg refused a token we believed valid: refresh once, retry once
-                token = await self.refresher.force_refresh(grant.conn_id, seen_version=token.version)  # type: ignore[arg-type]
-                continue
-            if status in RETRY_STATUSES and attempt < retries:
-                delay = retry_after_seconds(upstream_headers.get("Retry-After"))
-                if delay is None:
-                    delay = self._backoff(attempt + 1)
-                if delay <= self.settings.proxy_retry_after_cap_seconds:
-                    attempt += 1
-                    await asyncio.sleep(delay)
-                    continue
-            headers = [(k.lower().encode(), v.encode("latin-1")) for k, v in upstream_headers.items() if k.lower() in RELAY_RESPONSE_HEADERS]
-            if status == 429 and "Retry-After" not in upstream_headers:
-                headers.append((b"retry-after", b"60"))  # Salesmsg locks out for 60 s and sends no header
-            return status, headers, payload, True
-
-    def _backoff(self, attempt: int) -> float:
-        base = self.settings.proxy_retry_base_seconds * 2 ** (attempt - 1)
-        return random.uniform(base / 2, base)
+        return await self.upstream.call(access, key, method=method, path=path, query=query, body=body, headers=headers,
+                                        request_id=request_id)
 
     async def _idempotent(
-        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, grant: Grant, key: DataKey,
+        self, scope: Scope, method: str, path: str, query: bytes, body: bytes, access: Access, key: DataKey,
         idem_key: str, request_id: str, context: dict[str, Any], started: float,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if not valid_key(idem_key):
             raise Refusal(400, "invalid_idempotency_key", "An Idempotency-Key is 1-255 printable ASCII characters.")
         fp = fingerprint(method, path, query, body)
         try:
-            stored = await self.idempotency.begin(tenant_id=grant.tenant_id, key=idem_key, fp=fp, data_key=key)  # type: ignore[arg-type]
+            stored = await self.idempotency.begin(tenant_id=access.tenant_id, key=idem_key, fp=fp, data_key=key)
         except IdempotencyError as exc:
             raise Refusal(exc.status, exc.code, exc.message) from None
         if stored is not None:
             self._audit(context, method, request_id, stored.status, started, decision="replayed")
             return stored.status, _stored_headers(stored), stored.body
-        try:
-            status, headers, payload, reached = await self._forward(scope, method, path, query, body, grant, key, request_id)
-        except BaseException:
-            await self.idempotency.abandon(tenant_id=grant.tenant_id, key=idem_key)  # type: ignore[arg-type]
-            raise
-        if not reached:
-            await self.idempotency.abandon(tenant_id=grant.tenant_id, key=idem_key)  # type: ignore[arg-type]
-        else:
-            content_type = next((v.decode() for k, v in headers if k == b"content-type"), None)
-            await self.idempotency.finish(tenant_id=grant.tenant_id, key=idem_key, data_key=key, status=status,  # type: ignore[arg-type]
-                                          content_type=content_type, body=payload)
-        self._audit(context, method, request_id, status, started, decision="allowed")
-        return status, headers, payload
+        answer = await self.idempotency.run(
+            tenant_id=access.tenant_id, key=idem_key, data_key=key,
+            call=lambda: self._forward(scope, method, path, query, body, access, key, request_id),
+        )
+        self._audit(context, method, request_id, answer.status, started, decision="allowed")
+        return answer.status, answer.headers, answer.body
 
     def _audit(self, context: dict[str, Any], method: str, request_id: str, status: int, started: float, *, decision: str) -> None:
         """Every call that touches a PHI scope, allowed or denied: never a body, never query values."""

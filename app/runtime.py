@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -10,9 +11,11 @@ import aiohttp
 from app.db import Database, create_engine
 from app.migrate import head_revision
 from app.audit_writer import AuditWriter
+from app.idempotency import Idempotency
 from app.proxy import Proxy
 from app.rate_limits import RateLimits
 from app.refresh import Refresher
+from app.upstream import Upstream
 from app.usage import UsageRecorder
 from app.settings import Settings
 from app.vault import DataKeyCache, Keyring
@@ -51,6 +54,8 @@ class Runtime:
     usage: UsageRecorder
     rate_limits: RateLimits
     proxy: Proxy
+    upstream: Upstream
+    idempotency: Idempotency
     worker: "Worker | None" = field(default=None)
 
     @classmethod
@@ -63,8 +68,11 @@ class Runtime:
         audit_writer = AuditWriter(db)
         usage = UsageRecorder(db)
         rate_limits = RateLimits(settings)
+        upstream = Upstream(settings=settings, http=http, refresher=refresher)
+        idempotency = Idempotency(db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
+                                  wait_seconds=settings.salesmsg_timeout_seconds + 5)
         proxy = Proxy(
-            settings=settings, db=db, http=http, refresher=refresher, data_keys=data_keys,
+            settings=settings, db=db, upstream=upstream, idempotency=idempotency, data_keys=data_keys,
             audit_writer=audit_writer, usage=usage, rate_limits=rate_limits,
         )
         runtime = cls(
@@ -79,6 +87,8 @@ class Runtime:
             usage=usage,
             rate_limits=rate_limits,
             proxy=proxy,
+            upstream=upstream,
+            idempotency=idempotency,
         )
         audit_writer.start()
         usage.start()

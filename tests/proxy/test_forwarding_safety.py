@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from app import connections, keys
-from app.audit import Actor
 from app.main import create_app
-from app.proxy import Refusal, retry_after_seconds, safe_path
+from app.proxy import safe_path
+from app.upstream import Refusal, retry_after_seconds
 from tests.support.journeys import connected_tenant, make_api_key, make_tenant
 from tests.support.recorder import Recorder
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.journeys import HIPAA_USER, connected_tenant, make_api_key
+from tests.support.journeys import connected_tenant, make_api_key
 
 
 @pytest.fixture

@@ -270,7 +270,7 @@ async def test_a_401_on_a_valid_looking_token_forces_one_refresh_and_one_retry(r
 
 async def test_timeouts_are_504_and_dropped_connections_502(runtime, two_tenants, client_for, upstream):
     key = await make_api_key(runtime, tenants=["tenant-a"])
-    runtime.proxy.timeout = __import__("aiohttp").ClientTimeout(total=0.3)
+    runtime.upstream.timeout = __import__("aiohttp").ClientTimeout(total=0.3)
     upstream.controls.set_latency(1000)
     slow = await client_for.post("/api/v1/tenants/tenant-a/proxy/contacts", headers=auth(key),
                                  json={"number": "+12025550188"})
