@@ -14,7 +14,7 @@ from app import __version__
 from app.errors import _unexpected, install_error_handlers
 from app.api import routes as api_routes
 from app.health import router as health_router
-from app.web import auth_pages, connect_pages, operator_pages
+from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
 from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
 from app.proxy import ProxyEndpoint
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.include_router(auth_pages.router)
     app.include_router(connect_pages.router)
     app.include_router(operator_pages.router)
+    app.include_router(inbox_pages.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     authorize = urlsplit(settings.salesmsg_authorize_url)

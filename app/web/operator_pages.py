@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from app import audit, baa, connect, connections, events, people, scopes, tenants
+from app import api_keys, audit, baa, connect, connections, events, people, scopes, tenants
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.errors import AppError, ValidationFailed
 from app.models import AuditEntry, Tenant
-from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_operator, require_user, tenant_for
+from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_operator, require_user, safe_next, tenant_for
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
 
@@ -92,6 +93,7 @@ async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict:
         "events": await events.recent(session, tenant_id=tenant.id, limit=10),
     }
     if viewer.is_operator:
+        context["api_keys"] = await api_keys.keys_for_tenant(session, tenant.id)
         context["audit_entries"] = (
             await session.scalars(
                 select(AuditEntry).where(AuditEntry.tenant_id == tenant.id).order_by(AuditEntry.id.desc()).limit(15)
@@ -238,3 +240,54 @@ async def audit_page(
     return render(request, viewer, "audit.html", rows=rows[:50], more=rows[49].id if len(rows) > 50 else None,
                   slugs=slugs, filters={"tenant": tenant or "", "action": action or "", "outcome": outcome or ""},
                   as_dict=audit.as_dict)
+
+
+@router.get("/api-keys")
+async def api_keys_page(request: Request, session: SessionDep, viewer: ViewerDep) -> Response:
+    require_operator(viewer)
+    rows = await api_keys.list_keys(session)
+    scoped = {}
+    for row in rows:
+        if not row.all_tenants:
+            ids = await api_keys.covered_tenant_ids(session, row) or set()
+            scoped[row.id] = sorted(
+                (await session.scalars(select(Tenant.slug).where(Tenant.id.in_(ids)))).all()
+            )
+    return render(request, viewer, "api_keys.html", rows=rows, scoped=scoped)
+
+
+@router.post("/api-keys")
+async def create_api_key(
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    name: Annotated[str, Form(max_length=200)] = "",
+    tenant: Annotated[str, Form(max_length=63)] = "",
+    read_only: Annotated[str, Form(max_length=10)] = "",
+    operator: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    require_operator(viewer)
+    try:
+        row, key = await api_keys.create_api_key(
+            session, name=name, tenant_refs=[tenant] if tenant else None, read_only=read_only == "yes",
+            operator=operator == "yes", actor=viewer.actor(), request_id=request_id,
+        )
+    except AppError as exc:
+        rows = await api_keys.list_keys(session)
+        return render(request, viewer, "api_keys.html", status_code=exc.status_code, rows=rows, scoped={}, error=exc.message)
+    back = f"/t/{tenant}#api-keys" if tenant else "/api-keys"
+    return render(request, viewer, "key_created.html", key=key, row=row, tenant_slug=tenant or None, back=back)
+
+
+@router.post("/api-keys/{key_id}/revoke")
+async def revoke_api_key(
+    key_id: uuid.UUID,
+    session: SessionDep,
+    viewer: ViewerDep,
+    request_id: RequestIdDep,
+    back: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    require_operator(viewer)
+    await api_keys.revoke_api_key(session, key_id=key_id, actor=viewer.actor(), request_id=request_id)
+    return redirect(safe_next(back, "/api-keys"))

@@ -1,0 +1,166 @@
+"""The dashboard's conversation, thread, send and contacts pages against the emulator."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select, update
+
+from app.models import AuditEntry, Connection
+from tests.support.journeys import (
+    HIPAA_USER,
+    PLAIN_USER,
+    Browser,
+    connected_tenant,
+    csrf_of,
+    make_tenant,
+    make_user,
+)
+
+
+@pytest.fixture
+async def bakery(runtime, browser):
+    return await connected_tenant(runtime, browser, "corner-bakery")
+
+
+def conversation_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'href="/t/corner-bakery/conversations/(\d+)"', html)]
+
+
+async def test_operator_lists_filters_searches_and_pages_conversations(runtime, browser, bakery):
+    page = await browser.get("/t/corner-bakery/conversations")
+    assert page.status_code == 200
+    open_ids = conversation_ids(page.text)
+    assert open_ids
+    closed = await browser.get("/t/corner-bakery/conversations?filter=closed")
+    assert closed.status_code == 200 and set(conversation_ids(closed.text)).isdisjoint(open_ids)
+    for name in ("unread", "assigned", "unassigned"):
+        assert (await browser.get(f"/t/corner-bakery/conversations?filter={name}")).status_code == 200
+    bad = await browser.get("/t/corner-bakery/conversations?filter=all;drop")
+    assert bad.status_code == 422
+    first = re.search(r'<strong>([^<]+)</strong>', page.text.split('id="conversation-list"')[1]).group(1)
+    found = await browser.get(f"/t/corner-bakery/conversations?q={first.split()[0]}")
+    assert first in found.text
+
+
+async def test_thread_send_and_double_submit_sends_once(runtime, browser, bakery, upstream):
+    conversation = conversation_ids((await browser.get("/t/corner-bakery/conversations")).text)[0]
+    thread = await browser.get(f"/t/corner-bakery/conversations/{conversation}")
+    assert thread.status_code == 200 and 'id="send-form"' in thread.text
+    form_key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', thread.text).group(1)
+    form = {"csrf_token": csrf_of(thread.text), "idempotency_key": form_key, "message": "See you at 9, Casey"}
+    url = f"/t/corner-bakery/conversations/{conversation}/send"
+    first = await browser.app_client.post(url, data=form)
+    second = await browser.app_client.post(url, data=form)  # the same rendered form, submitted twice
+    assert first.status_code == second.status_code == 303
+    assert upstream.controls.counter("api.POST /conversations/{id}/send") == 1
+    after = await browser.get(first.headers["location"])
+    assert after.text.count("See you at 9, Casey") == 1 and "Message sent." in after.text
+    assert re.search(r"See you at 9, Casey<span class=\"meta\">You · [^<]+<span class=\"badge warn\">(queued|sent)</span>", after.text)
+
+
+async def test_long_or_empty_messages_are_refused_and_the_text_kept(runtime, browser, bakery, upstream):
+    conversation = conversation_ids((await browser.get("/t/corner-bakery/conversations")).text)[0]
+    thread = await browser.get(f"/t/corner-bakery/conversations/{conversation}")
+    key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', thread.text).group(1)
+    text = "x" * 1601
+    answer = await browser.app_client.post(f"/t/corner-bakery/conversations/{conversation}/send",
+                                           data={"csrf_token": csrf_of(thread.text), "idempotency_key": key, "message": text})
+    assert answer.status_code == 422 and "at most 1600 characters" in answer.text and text in answer.text
+    assert upstream.controls.counter("api.POST /conversations/{id}/send") == 0
+
+
+async def test_upstream_script_is_rendered_as_text(runtime, browser, bakery, upstream):
+    conversation = conversation_ids((await browser.get("/t/corner-bakery/conversations")).text)[0]
+    upstream.controls.inject_inbound(conversation, "<script>alert(1)</script>")
+    thread = await browser.get(f"/t/corner-bakery/conversations/{conversation}")
+    assert "<script>alert(1)</script>" not in thread.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in thread.text
+    listing = await browser.get("/t/corner-bakery/conversations?filter=unread")
+    assert "<script>alert(1)</script>" not in listing.text
+
+
+async def test_with_salesmsg_failing_every_page_shows_a_banner_and_no_500(runtime, browser, bakery, upstream):
+    conversation = conversation_ids((await browser.get("/t/corner-bakery/conversations")).text)[0]
+    upstream.controls.fail_next(10_000, status=500, path_prefix="/pub/v2.2/")
+    try:
+        for path in ("/t/corner-bakery/conversations", f"/t/corner-bakery/conversations/{conversation}",
+                     "/t/corner-bakery/contacts", "/t/corner-bakery", "/tenants"):
+            page = await browser.get(path)
+            assert page.status_code < 500, path
+            if "/conversations" in path or "/contacts" in path:
+                assert 'id="problem-banner"' in page.text and "Salesmsg" in page.text, path
+        upstream.controls.reset_faults()
+        upstream.controls.drop_next(10_000, path_prefix="/pub/v2.2/")
+        page = await browser.get("/t/corner-bakery/conversations")
+        assert page.status_code == 200 and 'id="problem-banner"' in page.text
+    finally:
+        upstream.controls.reset_faults()
+
+
+async def test_needs_reauth_shows_a_reconnect_call_to_action(runtime, browser, bakery):
+    async with runtime.db.session() as session:
+        await session.execute(update(Connection).where(Connection.tenant_id == bakery.id).values(status="needs_reauth"))
+    page = await browser.get("/t/corner-bakery/conversations")
+    assert page.status_code == 200
+    assert "connection needs to be made again" in page.text and 'href="/t/corner-bakery/connect"' in page.text
+    overview = await browser.get("/t/corner-bakery")
+    assert "Reconnect" in overview.text
+
+
+async def test_hipaa_without_baa_is_locked_with_no_data_and_audited(runtime, browser, upstream):
+    upstream.controls.set_client_baa("connect-client", True)
+    await connected_tenant(runtime, browser, "acme-clinic", hipaa=True, baa=True, user_id=HIPAA_USER)
+    open_page = await browser.get("/t/acme-clinic/conversations")
+    assert 'id="conversation-list"' in open_page.text
+    await browser.post_form("/t/acme-clinic/baa/revoke", {"confirm": "yes"}, csrf_from="/t/acme-clinic")
+    before = upstream.controls.counters()
+    for path in ("/t/acme-clinic/conversations", "/t/acme-clinic/contacts", "/t/acme-clinic/conversations/5001"):
+        page = await browser.get(path)
+        assert page.status_code == 200 and "Protected health information is locked" in page.text
+        assert 'id="conversation-list"' not in page.text and 'id="thread"' not in page.text
+    after = upstream.controls.counters()
+    assert {k: v for k, v in after.items() if k.startswith("api.")} == {k: v for k, v in before.items() if k.startswith("api.")}
+    async with runtime.db.session() as session:
+        outcomes = (await session.scalars(
+            select(AuditEntry.outcome).where(AuditEntry.action == "dashboard.phi_access").order_by(AuditEntry.id)
+        )).all()
+    assert outcomes[0] == "success" and outcomes[-3:] == ["denied", "denied", "denied"]
+
+
+async def test_org_admin_sees_only_their_own_tenant(runtime, live_app, upstream, browser):
+    bakery = await connected_tenant(runtime, browser, "corner-bakery")
+    await connected_tenant(runtime, browser, "other-org", user_id=PLAIN_USER)
+    await make_user(runtime, "admin@bakery.example", role="org_admin", tenant=bakery)
+    admin = Browser(live_app, upstream.url)
+    try:
+        assert (await admin.login("admin@bakery.example")).headers["location"] == "/"
+        assert (await admin.get("/")).headers["location"] == "/org"
+        assert (await admin.get("/org")).headers["location"] == "/t/corner-bakery"
+        assert (await admin.get("/t/corner-bakery/conversations")).status_code == 200
+        assert (await admin.get("/t/corner-bakery/contacts")).status_code == 200
+        for path in ("/t/other-org", "/t/other-org/conversations", "/t/other-org/contacts", "/t/other-org/connect"):
+            assert (await admin.get(path)).status_code == 404, path
+        assert (await admin.get("/tenants")).status_code == 403
+        assert (await admin.get("/audit")).status_code == 403
+        page = await admin.get("/t/corner-bakery")
+        assert 'id="baa"' not in page.text and 'id="api-keys"' not in page.text
+    finally:
+        await admin.close()
+
+
+async def test_contacts_page_lists_and_searches(runtime, browser, bakery):
+    page = await browser.get("/t/corner-bakery/contacts")
+    assert page.status_code == 200 and page.text.count("<tr>") > 5
+    name = re.search(r"<td>([A-Z][a-z]+ [A-Za-z]+)</td>", page.text).group(1)
+    found = await browser.get(f"/t/corner-bakery/contacts?search={name.split()[0]}")
+    assert name in found.text
+
+
+async def test_not_connected_tenant_pages_invite_to_connect(runtime, browser):
+    await make_tenant(runtime, "fresh", hipaa=False)
+    await make_user(runtime, "op2@example.com")
+    await browser.login("op2@example.com")
+    page = await browser.get("/t/fresh/conversations")
+    assert page.status_code == 200 and "not connected" in page.text and 'href="/t/fresh/connect"' in page.text
