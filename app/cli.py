@@ -162,11 +162,12 @@ def worker() -> None:
 @cli.command()
 def demo(
     port: Annotated[int, typer.Option(help="Port of the app")] = 8000,
+    emulator_port: Annotated[int, typer.Option(help="Port of the Salesmsg emulator")] = 8100,
 ) -> None:
-    """Run the demo: migrate the SQLite default and serve on 127.0.0.1."""
+    """Run the demo: the app, the emulator and the worker on 127.0.0.1, seeded (fresh each run)."""
     from app.demo import run_demo
 
-    run_demo(port=port)
+    run_demo(port=port, emulator_port=emulator_port)
 
 
 @cli.command()
