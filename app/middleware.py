@@ -16,6 +16,7 @@ import structlog
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import render_error
 from app.logs import get_logger
 from app.metrics import REQUEST_SECONDS, REQUESTS
 
@@ -48,10 +49,11 @@ def _security_headers(*, https: bool, authorize_origin: str) -> list[tuple[bytes
 class RequestContextMiddleware:
     """Request id (kept from ``X-Request-ID`` when it is safe), access log, security headers."""
 
-    def __init__(self, app: ASGIApp, *, https: bool, authorize_origin: str, on_error: Any) -> None:
+    def __init__(self, app: ASGIApp, *, https: bool, authorize_origin: str, on_error: Any, max_body: int = 1024 * 1024) -> None:
         self.app = app
         self.headers = _security_headers(https=https, authorize_origin=authorize_origin)
         self.on_error = on_error
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,6 +88,17 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
+        if not _is_proxy(scope["path"]):  # the proxy enforces its own, larger limit
+            declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            too_large = declared is not None and (not declared.isdigit() or int(declared) > self.max_body)
+            if declared is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+                receive, too_large = await _buffered(receive, self.max_body)  # chunked: read it, up to the limit
+            if too_large:
+                response = render_error(Request(scope), status_code=413, code="payload_too_large",
+                                        message="The request body is too large.")
+                await response(scope, receive, send_wrapper)
+                self._log(scope, 413, started)
+                return
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:  # noqa: BLE001 - last line of defence, logged in on_error
@@ -94,11 +107,46 @@ class RequestContextMiddleware:
             response = await self.on_error(Request(scope), exc)
             await response(scope, receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            if not template.startswith("/api/v1/tenants/{tenant}/proxy"):  # the proxy counts itself
-                method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-                REQUESTS.labels(template, method, str(status)).inc()
-                REQUEST_SECONDS.labels(template).observe(elapsed)
-            log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
+            self._log(scope, status, started)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        if not template.startswith("/api/v1/tenants/{tenant}/proxy"):  # the proxy counts itself
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            REQUESTS.labels(template, method, str(status)).inc()
+            REQUEST_SECONDS.labels(template).observe(elapsed)
+        log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
+
+
+def _is_proxy(path: str) -> bool:
+    return path.startswith("/api/v1/tenants/") and "/proxy/" in path
+
+
+async def _buffered(receive: Receive, limit: int) -> tuple[Receive, bool]:
+    """Read a body that came without a length, up to ``limit``; replay it to the app."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if size > limit:
+            return receive, True
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, False

@@ -230,7 +230,7 @@ async def audit_page(
             tenant_row = None
         query = query.where(AuditEntry.tenant_id == (tenant_row.id if tenant_row else None))
     if action:
-        query = query.where(AuditEntry.action.startswith(action))
+        query = query.where(AuditEntry.action.startswith(action, autoescape=True))
     if outcome:
         query = query.where(AuditEntry.outcome == outcome)
     if before:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -113,8 +113,9 @@ def safe_next(target: str | None, default: str = "/") -> str:
     """Only a local path: no scheme, no host, no protocol-relative or backslash tricks."""
     if not target or len(target) > 500:
         return default
-    if not target.startswith("/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
-        return default
+    for form in (target, unquote(target)):  # an encoded "//" or "\\" is refused too
+        if not form.startswith("/") or form.startswith("//") or "\\" in form or any(ord(c) < 32 or c == " " for c in form):
+            return default
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
         return default
