@@ -107,6 +107,24 @@ def tenant_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     emit(rows, as_json, "\n".join(lines) or "no tenants")
 
 
+@tenant_cli.command("delete")
+def tenant_delete(
+    slug: Annotated[str, typer.Option(help="The tenant to delete")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Delete a tenant: its data key is shredded, so its tokens can never be read again."""
+    if not yes:
+        typer.confirm(f"Delete {slug} and shred its tokens?", abort=True)
+
+    async def go(runtime: Runtime) -> None:
+        async with runtime.db.session() as session:
+            tenant = await tenants.get_tenant(session, slug)
+            await tenants.delete_tenant(session, tenant, actor=CLI_ACTOR)
+
+    run(go)
+    typer.echo(f"deleted {slug}; its data key is shredded")
+
+
 @user_cli.command("create")
 def user_create(
     email: Annotated[str, typer.Option(help="Sign-in email")],

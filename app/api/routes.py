@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 
 from app import audit, baa, connect, connections, events, tenants, webhooks
@@ -81,6 +81,14 @@ async def update_tenant(
                                             actor=caller.actor, request_id=request_id)
     out = TenantOut.of(row, await connections.get_connection(session, row.id))
     return TenantUpdated(**out.model_dump(), webhook_secret=secret)
+
+
+@router.delete("/tenants/{tenant}", status_code=204, tags=["tenants"],
+               summary="Delete a tenant; its data key is shredded with it (operator key)")
+async def delete_tenant(tenant: TenantRef, session: SessionDep, caller: OperatorDep, request_id: RequestIdDep) -> Response:
+    row = await tenant_of(session, caller, tenant, for_update=True)
+    await tenants.delete_tenant(session, row, actor=caller.actor, request_id=request_id)
+    return Response(status_code=204)
 
 
 @router.put("/tenants/{tenant}/hipaa", response_model=TenantOut, tags=["hipaa"], summary="Set the HIPAA flag (operator key)")

@@ -120,3 +120,15 @@ def test_cli_keys_rotate_then_verify_without_the_old_key(database_url):
     assert '"ok": true' in verified.stdout
     env["SMC_MASTER_KEYS"] = old
     assert run_cli("keys", "verify", env=env).returncode == 1
+
+
+def test_cli_tenant_delete_shreds_its_data_key(database_url):
+    env = clean_env(SMC_DATABASE_URL=database_url)
+    assert run_cli("tenant", "create", "--slug", "gone-soon", "--name", "Gone", env=env).returncode == 0
+    deleted = run_cli("tenant", "delete", "--slug", "gone-soon", "--yes", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    listed = run_cli("tenant", "list", "--json", env=env)
+    assert "gone-soon" not in listed.stdout
+    verified = run_cli("audit", "verify", "--json", env=env)
+    assert verified.returncode == 0 and '"ok": true' in verified.stdout
+    assert run_cli("tenant", "delete", "--slug", "gone-soon", "--yes", env=env).returncode == 1

@@ -149,3 +149,22 @@ async def test_api_errors_are_stable_json(client_for, operator_key):
                                    content=b'{"slug": "x"')
     assert broken.status_code == 422
     assert (await client_for.get("/api/v1/tenants?api_key=abc", headers=auth(operator_key))).status_code == 400
+
+
+async def test_deleting_a_tenant_shreds_its_keys_and_cuts_the_proxy(runtime, browser, client_for, upstream):
+    await connected_tenant(runtime, browser, "doomed")
+    service = await make_api_key(runtime)
+    operator = await make_api_key(runtime, operator=True, name="ops")
+    assert (await client_for.get("/api/v1/tenants/doomed/proxy/teams", headers=auth(service))).status_code == 200
+    assert (await client_for.delete("/api/v1/tenants/doomed", headers=auth(service))).status_code == 403
+    assert (await client_for.delete("/api/v1/tenants/doomed", headers=auth(operator))).status_code == 204
+    assert (await client_for.get("/api/v1/tenants/doomed/proxy/teams", headers=auth(service))).status_code == 404
+    from sqlalchemy import func, select
+
+    from app.models import Connection, TenantKey
+
+    async with runtime.db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(TenantKey)) == 0
+        assert await session.scalar(select(func.count()).select_from(Connection)) == 0
+    export = await client_for.get("/api/v1/audit", headers=auth(operator))
+    assert '"action":"tenant.delete"' in export.text
