@@ -2,8 +2,9 @@
 
 A proxied PHI call must be audited without paying an audit transaction (and the chain lock) per
 request. Records go into a bounded in-process queue that one task flushes every few
-milliseconds in a single transaction. ``stop()`` drains it; a crash loses at most the last
-flush interval of proxy access records (documented in SECURITY.md). Changes made through the
+milliseconds in a single transaction; while the database is away the records stay queued and are
+retried. ``stop()`` drains it; a crash loses at most what is still queued (documented in
+SECURITY.md). Changes made through the
 dashboard, the API or the CLI (BAA, connections, keys) are audited in their own transaction.
 """
 
@@ -50,30 +51,41 @@ class AuditWriter:
             self._wake.clear()
             await self.flush()
 
-    async def flush(self) -> None:
-        """Write everything queued now, in batches (also called by tests and at shutdown)."""
-        async with self._lock:
-            while self._buffer:
-                batch, self._buffer = self._buffer[: self.max_batch], self._buffer[self.max_batch :]
-                await self._write(batch)
+    async def flush(self, *, attempts: int | None = None) -> None:
+        """Write everything queued now, in batches (also called by tests and at shutdown).
 
-    async def _write(self, batch: list[AuditRecord]) -> None:
-        for attempt in range(3):
-            try:
-                async with self.db.session() as session:
-                    await audit.append(session, batch)
-                return
-            except Exception:  # noqa: BLE001 - retried, then logged; never crash the writer
-                if attempt == 2:
-                    log.exception("audit batch lost", records=len(batch))
-                    return
-                await asyncio.sleep(0.2 * (attempt + 1))
+        A batch that cannot be written (the database is away) stays queued and is retried with
+        backoff; ``attempts`` bounds the retries (at shutdown), None retries until it is written.
+        """
+        async with self._lock:
+            delay = 0.2
+            tries = 0
+            while self._buffer:
+                batch = self._buffer[: self.max_batch]
+                try:
+                    async with self.db.session() as session:
+                        await audit.append(session, batch)
+                except Exception:  # noqa: BLE001 - kept and retried; never crash the writer
+                    tries += 1
+                    if attempts is not None and tries >= attempts:
+                        log.error("audit records not written at shutdown", records=len(self._buffer))
+                        return
+                    log.warning("audit batch not written yet; retrying", records=len(batch), retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                del self._buffer[: len(batch)]
+                delay = 0.2
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
+            except asyncio.TimeoutError:  # stuck retrying against an absent database
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
-        await self.flush()
+        await self.flush(attempts=5)

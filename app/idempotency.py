@@ -26,12 +26,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app.db import Database
+from app.logs import get_logger
 from app.models import IdempotencyRecord
 from app.vault import DataKey
 
 if TYPE_CHECKING:
     from app.upstream import Answer
 
+log = get_logger(__name__)
 KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_SECONDS = 0.05
 
@@ -70,6 +72,7 @@ class Idempotency:
         self.db = db
         self.ttl = ttl
         self.wait_seconds = wait_seconds
+        self._pending: set[asyncio.Future[None]] = set()
 
     async def begin(self, *, tenant_id: uuid.UUID, key: str, fp: str, data_key: DataKey) -> Stored | None:
         """None when this request goes first (and must call ``finish``); else the stored answer."""
@@ -130,12 +133,40 @@ class Idempotency:
         except Exception:
             await self.abandon(tenant_id=tenant_id, key=key)
             raise
-        if not answer.reached:
+        if not answer.reached or answer.status == 429:
+            # Never sent, or refused by Salesmsg's rate limit before it handled anything: the
+            # client may retry with the same key.
             await self.abandon(tenant_id=tenant_id, key=key)
-        else:
+            return answer
+        try:
             await self.finish(tenant_id=tenant_id, key=key, data_key=data_key, status=answer.status,
                               content_type=answer.content_type, body=answer.body)
+        except Exception:  # noqa: BLE001 - the database is away; Salesmsg's answer still stands
+            log.warning("idempotent answer not stored yet; retrying in the background")
+            self._later(self._finish_later(tenant_id=tenant_id, key=key, data_key=data_key, answer=answer))
         return answer
+
+    def _later(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish_later(self, *, tenant_id: uuid.UUID, key: str, data_key: DataKey, answer: Answer) -> None:
+        """Keep trying to store an answer Salesmsg gave while the database was away (for ~5 min)."""
+        delay = 0.5
+        for _ in range(40):
+            await asyncio.sleep(delay)
+            try:
+                await self.finish(tenant_id=tenant_id, key=key, data_key=data_key, status=answer.status,
+                                  content_type=answer.content_type, body=answer.body)
+                return
+            except Exception:  # noqa: BLE001 - still away
+                delay = min(delay * 2, 10.0)
+        log.error("idempotent answer could not be stored; the key stays pending until it expires")
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
 
     async def abandon(self, *, tenant_id: uuid.UUID, key: str) -> None:
         """Salesmsg was never reached: forget the key so the client can retry safely."""

@@ -351,10 +351,13 @@ class Refresher:
         failures = row.refresh_failures + 1
         give_up = failures >= self.settings.refresh_max_failures
         now = datetime.now(UTC)
+        cooldown = self.backoff(failures)
+        if exc.retry_after is not None:  # Salesmsg said how long: never come back sooner
+            cooldown = max(cooldown, min(exc.retry_after, self.settings.refresh_backoff_max_seconds))
         async with self.db.session() as session:
             values: dict[str, Any] = {
                 "refresh_failures": failures,
-                "next_refresh_at": now + timedelta(seconds=self.backoff(failures)),
+                "next_refresh_at": now + timedelta(seconds=cooldown),
                 "last_error": f"{exc.error or exc.status}"[:200],
                 "lease_owner": None,
                 "lease_expires_at": None,

@@ -109,6 +109,7 @@ class Runtime:
         if self.worker is not None:
             await self.worker.stop()
         await self.usage.stop()
+        await self.idempotency.close()
         await self.audit_writer.stop()
         await self.rate_limits.close()
         await self.http.close()

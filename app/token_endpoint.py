@@ -22,6 +22,7 @@ from authlib.common.security import generate_token
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from app.errors import BAA_REQUIRED_MESSAGE
+from app.retry_after import retry_after_seconds
 from app.settings import Settings
 
 DEAD_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client", "access_denied"})
@@ -30,10 +31,13 @@ DEAD_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client
 class TokenEndpointError(Exception):
     """A token request failed. ``kind`` is dead, baa_required, invalid or transient."""
 
-    def __init__(self, kind: str, *, status: int | None, error: str | None, description: str = "") -> None:
+    def __init__(
+        self, kind: str, *, status: int | None, error: str | None, description: str = "", retry_after: float | None = None
+    ) -> None:
         self.kind = kind
         self.status = status
         self.error = error
+        self.retry_after = retry_after  # seconds Salesmsg asked us to wait (429/503), if it said
         self.description = description[:200]
         super().__init__(f"{kind}: {error or status} {self.description}".strip())
 
@@ -69,7 +73,7 @@ class TokenResponse:
         )
 
 
-def classify(status: int, body: bytes) -> TokenEndpointError:
+def classify(status: int, body: bytes, retry_after: str | None = None) -> TokenEndpointError:
     """Turn a non-2xx answer of a token endpoint into a classified error."""
     parsed: Any = None
     try:
@@ -82,7 +86,8 @@ def classify(status: int, body: bytes) -> TokenEndpointError:
     if status == 403 and isinstance(message, str) and "Business Associate Agreement" in message:
         return TokenEndpointError("baa_required", status=status, error="baa_required", description=BAA_REQUIRED_MESSAGE)
     if status >= 500 or status == 429 or status == 408:
-        return TokenEndpointError("transient", status=status, error=error, description=str(description))
+        return TokenEndpointError("transient", status=status, error=error, description=str(description),
+                                  retry_after=retry_after_seconds(retry_after))
     if status == 401 or error in DEAD_ERRORS:
         return TokenEndpointError("dead", status=status, error=error or "unauthorized", description=str(description))
     return TokenEndpointError("invalid", status=status, error=error, description=str(description))
@@ -121,7 +126,7 @@ async def exchange_code(settings: Settings, *, code: str, code_verifier: str | N
     def keep_response(resp: httpx2.Response) -> httpx2.Response:
         captured["status"], captured["body"] = resp.status_code, resp.content
         if resp.status_code != 200:
-            raise classify(resp.status_code, resp.content)
+            raise classify(resp.status_code, resp.content, resp.headers.get("Retry-After"))
         return resp
 
     async with _oauth_client(settings) as client:
@@ -151,7 +156,7 @@ async def _post(http: aiohttp.ClientSession, url: str, *, timeout: float, **kwar
         ) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise classify(resp.status, body)
+                raise classify(resp.status, body, resp.headers.get("Retry-After"))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise TokenEndpointError("transient", status=None, error="timeout" if isinstance(exc, asyncio.TimeoutError) else "network") from exc
     try:

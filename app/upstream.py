@@ -10,12 +10,11 @@ refresh and one retry, redirects are not followed, and the answer comes back as 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -26,6 +25,7 @@ from app.errors import BAA_REQUIRED_MESSAGE, AppError
 from app.metrics import UPSTREAM_SECONDS, UPSTREAM_STATUS
 from app.models import Connection, Tenant
 from app.refresh import Refresher, Snapshot
+from app.retry_after import retry_after_seconds
 from app.settings import Settings
 from app.vault import DataKey
 
@@ -103,22 +103,6 @@ def decide(access: Access, endpoint: Endpoint) -> None:
         raise Refusal(403, "insufficient_scope", f"The connection was not granted {endpoint.scope}.")
     if access.phi_blocked and scopes.is_phi(endpoint.scope):
         raise Refusal(403, "baa_required", BAA_REQUIRED_MESSAGE)
-
-
-def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
 @dataclass(slots=True)

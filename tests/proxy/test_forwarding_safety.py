@@ -7,7 +7,8 @@ import pytest
 from app import connections, keys
 from app.main import create_app
 from app.proxy import safe_path
-from app.upstream import Refusal, retry_after_seconds
+from app.retry_after import retry_after_seconds
+from app.upstream import Refusal
 from tests.support.journeys import connected_tenant, make_api_key, make_tenant
 from tests.support.recorder import Recorder
 
