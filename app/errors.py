@@ -220,9 +220,20 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+# SQLSTATE classes that mean "the database cannot serve us right now", not "our query is wrong":
+# 08 connection exception, 53 insufficient resources (53300 too many clients), 57P operator
+# intervention (57P01 admin shutdown, 57P03 starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
 def _is_connectivity(exc: Exception) -> bool:
     if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(exc, OperationalError) or "connect" in str(exc.orig).lower()
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
+        if str(sqlstate).startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        return "connect" in str(exc.orig).lower()
     return isinstance(exc, (ConnectionError, OSError))
 
 
