@@ -31,8 +31,17 @@ test: $(VENV)/.installed-test
 
 # Regenerate the lock (constraints.txt) after changing pins in pyproject.toml.
 lock: $(BIN)/python
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,bench]'
 	$(PIP) freeze --exclude-editable | grep -v '^-e ' > constraints.txt
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+# Benchmarks on loopback (PostgreSQL as for the tests; wrk and nginx are apt-get installed when
+# missing): one table on stdout, var/bench/latest.json. BENCH_SECONDS, BENCH_ROUNDS: bench/README.md.
+bench: $(VENV)/.installed-test
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python -m bench
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check app tests bench --select F,E9
