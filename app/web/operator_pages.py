@@ -46,10 +46,12 @@ async def tenants_page(
     session: SessionDep,
     viewer: ViewerDep,
     q: Annotated[str | None, Query(max_length=100)] = None,
-    status: Annotated[str | None, Query(pattern="^(active|needs_reauth|not_connected)$")] = None,
+    # the filter form submits an empty value for "Any", and the next-page link carries it on
+    status: Annotated[str | None, Query(pattern="^(active|needs_reauth|not_connected)?$")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     require_operator(viewer)
+    q, status, cursor = q or None, status or None, cursor or None
     page = await tenants.list_tenants(session, search=q, cursor=cursor, limit=25, status=status)
     total = await tenants.count_tenants(session, search=q, status=status)
     return render(request, viewer, "tenants.html", page=page, q=q or "", status=status or "", total=total,
