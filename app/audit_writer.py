@@ -1,8 +1,8 @@
 """Batched audit writes for the proxy's hot path.
 
 A proxied PHI call must be audited without paying an audit transaction (and the chain lock) per
-request. Records go into a bounded in-process queue that one task flushes every few
-milliseconds in a single transaction; while the database is away the records stay queued and are
+request. Records go into a bounded in-process queue that one task flushes at most
+200 ms after the first record, in a single transaction; while the database is away the records stay queued and are
 retried. ``stop()`` drains it; a crash loses at most what is still queued (documented in
 SECURITY.md). Changes made through the
 dashboard, the API or the CLI (BAA, connections, keys) are audited in their own transaction.
@@ -22,7 +22,7 @@ log = get_logger(__name__)
 
 
 class AuditWriter:
-    def __init__(self, db: Database, *, interval: float = 0.05, max_batch: int = 500, max_queue: int = 100_000) -> None:
+    def __init__(self, db: Database, *, interval: float = 0.2, max_batch: int = 1000, max_queue: int = 100_000) -> None:
         self.db = db
         self.interval = interval
         self.max_batch = max_batch

@@ -116,7 +116,8 @@ def configure_logging(*, level: str = "INFO", json_output: bool = False, stream:
     else:
         final += [_escape_control_chars, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a call below the level costs one comparison, not the whole chain
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -88,7 +88,8 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
-        if not _is_proxy(scope["path"]):  # the proxy enforces its own, larger limit
+        proxied = _is_proxy(scope["path"])
+        if not proxied:  # the proxy enforces its own, larger limit
             declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             too_large = declared is not None and (not declared.isdigit() or int(declared) > self.max_body)
             if declared is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
@@ -100,29 +101,35 @@ class RequestContextMiddleware:
                 self._log(scope, 413, started)
                 return
         try:
-            await self.app(scope, receive, send_wrapper)
+            if proxied:  # the hot path skips the router and FastAPI's exception and exit-stack layers
+                await scope["app"].state.runtime.proxy.handle(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
         except Exception as exc:  # noqa: BLE001 - last line of defence, logged in on_error
             if response_started:
                 raise
             response = await self.on_error(Request(scope), exc)
             await response(scope, receive, send_wrapper)
         finally:
-            self._log(scope, status, started)
+            self._log(scope, status, started, proxied=proxied)
 
     @staticmethod
-    def _log(scope: Scope, status: int, started: float) -> None:
+    def _log(scope: Scope, status: int, started: float, *, proxied: bool = False) -> None:
         elapsed = time.perf_counter() - started
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        if not template.startswith("/api/v1/tenants/{tenant}/proxy"):  # the proxy counts itself
+        if not proxied:  # the proxy counts itself
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             REQUESTS.labels(template, method, str(status)).inc()
             REQUEST_SECONDS.labels(template).observe(elapsed)
         log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
 
 
+_PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # what the proxy's route matches
+
+
 def _is_proxy(path: str) -> bool:
-    return path.startswith("/api/v1/tenants/") and "/proxy/" in path
+    return _PROXY_PATH.match(path) is not None
 
 
 async def _buffered(receive: Receive, limit: int) -> tuple[Receive, bool]:

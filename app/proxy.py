@@ -21,7 +21,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
+import asyncpg
 from sqlalchemy import and_, bindparam, exists, select
+from sqlalchemy.exc import OperationalError
 from starlette.types import Receive, Scope, Send
 
 from app import api_keys, scopes
@@ -147,6 +149,15 @@ class Proxy:
         self.idempotency = idempotency
         self.by_slug = _lookup_statement(by_id=False)
         self.by_id = _lookup_statement(by_id=True)
+        # PostgreSQL: the same query as SQL text for asyncpg itself, on a connection checked out
+        # of SQLAlchemy's pool: one round trip (a prepared statement asyncpg caches per
+        # connection), where SQLAlchemy's autobegin would add BEGIN and ROLLBACK around it.
+        self.raw_sql: dict[bool, tuple[str, tuple[str, ...]]] | None = None
+        if db.is_postgres:
+            self.raw_sql = {}
+            for by_id, statement in ((False, self.by_slug), (True, self.by_id)):
+                compiled = statement.compile(dialect=db.engine.dialect)
+                self.raw_sql[by_id] = (str(compiled), tuple(compiled.positiontup or ()))
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -201,7 +212,7 @@ class Proxy:
         self.usage.touch(grant.key_id, grant.last_used_at)
         if grant.tenant_id is None or not (grant.all_tenants or grant.covered):
             raise Refusal(404, "tenant_not_found", "No such tenant for this key.")
-        wait = await self.rate_limits.check(key_id=str(grant.key_id), tenant_id=str(grant.tenant_id))
+        wait = await self.rate_limits.check(key_id=grant.key_id, tenant_id=grant.tenant_id)
         if wait is not None:
             raise Refusal(429, "rate_limited", "Too many requests for this key or tenant.", {"Retry-After": str(wait)})
         if grant.read_only and method not in READ_METHODS:
@@ -250,10 +261,25 @@ class Proxy:
             tenant_id = uuid.UUID(tenant_ref)
         except ValueError:
             tenant_id = None
-        statement = self.by_id if tenant_id else self.by_slug
-        params = {"prefix": prefix, "tenant_id": tenant_id} if tenant_id else {"prefix": prefix, "slug": tenant_ref.lower()}
+        by_id = tenant_id is not None
+        params = {"prefix": prefix, "tenant_id": tenant_id} if by_id else {"prefix": prefix, "slug": tenant_ref.lower()}
         async with self.db.engine.connect() as conn:
-            row = (await conn.execute(statement, params)).first()
+            if self.raw_sql is None:
+                row = (await conn.execute(self.by_id if by_id else self.by_slug, params)).first()
+            else:
+                sql, names = self.raw_sql[by_id]
+                raw = (await conn.get_raw_connection()).driver_connection
+                try:
+                    row = await raw.fetchrow(sql, *(params[name] for name in names))
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                    # what SQLAlchemy would do: drop the connection from the pool, answer 503
+                    await conn.invalidate(exc)
+                    raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
+                except asyncpg.PostgresError as exc:
+                    if str(exc.sqlstate or "").startswith(("08", "53", "57P")):
+                        await conn.invalidate(exc)
+                        raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
+                    raise
         return Grant(*row) if row is not None else None
 
     def _data_key(self, grant: Grant) -> DataKey:

@@ -1,47 +1,98 @@
-"""Rate limits per API key and per tenant, with the ``limits`` library.
+"""Rate limits per API key and per tenant.
 
-In process (moving window in memory) by default; shared by every process through Redis when
-``SMC_REDIS_URL`` is set. A refused call gets 429 with ``Retry-After`` in seconds.
+In one process by default: GCRA (the generic cell rate algorithm), one float per key or tenant,
+no lock and no await, so the proxy's hot path pays a dictionary lookup for it. ``N/minute``
+allows a burst of N and then one call every minute/N. Shared by every process through Redis
+with the ``limits`` library (moving window) when ``SMC_REDIS_URL`` is set. A refused call gets
+429 with ``Retry-After`` in whole seconds.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Hashable
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from app.settings import Settings
 
 
-class RateLimits:
-    def __init__(self, settings: Settings) -> None:
-        storage: Storage
-        if settings.redis_url:
-            url = settings.redis_url
-            storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
-        else:
-            storage = MemoryStorage()
-        self.storage = storage
-        self.limiter = MovingWindowRateLimiter(storage)
-        self.per_key: RateLimitItem = parse(settings.rate_limit_per_key)
-        self.per_tenant: RateLimitItem = parse(settings.rate_limit_per_tenant)
+class CellRate:
+    """GCRA for one limit: ``allow`` answers None (and counts the call) or the seconds to wait."""
 
-    async def check(self, *, key_id: str, tenant_id: str) -> int | None:
-        """None when the call may go; otherwise the seconds to wait."""
-        if not await self.limiter.hit(self.per_key, "key", key_id):
-            return await self._wait(self.per_key, "key", key_id)
-        if not await self.limiter.hit(self.per_tenant, "tenant", tenant_id):
-            return await self._wait(self.per_tenant, "tenant", tenant_id)
+    __slots__ = ("interval", "period", "tat", "max_entries")
+
+    def __init__(self, item: RateLimitItem, *, max_entries: int = 200_000) -> None:
+        self.period = float(item.get_expiry())
+        self.interval = self.period / item.amount
+        self.tat: dict[Hashable, float] = {}  # theoretical arrival time of the next call, per identity
+        self.max_entries = max_entries
+
+    def allow(self, identity: Hashable, now: float) -> float | None:
+        tat = self.tat.get(identity, now)
+        if tat < now:
+            tat = now
+        new_tat = tat + self.interval
+        if new_tat - now > self.period:
+            return new_tat - now - self.period
+        if len(self.tat) >= self.max_entries and identity not in self.tat:
+            self._prune(now)
+        self.tat[identity] = new_tat
         return None
 
-    async def _wait(self, item: RateLimitItem, *identifiers: str) -> int:
-        stats = await self.limiter.get_window_stats(item, *identifiers)
-        return max(1, math.ceil(stats.reset_time - time.time()))
+    def _prune(self, now: float) -> None:
+        """Forget identities whose budget is whole again (their entry says nothing)."""
+        self.tat = {k: v for k, v in self.tat.items() if v > now}
+
+
+class RateLimits:
+    def __init__(self, settings: Settings) -> None:
+        self.redis: MovingWindowRateLimiter | None = None
+        self.storage: RedisStorage | None = None
+        if settings.redis_url:
+            url = settings.redis_url
+            self.storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
+            self.redis = MovingWindowRateLimiter(self.storage)
+        self.per_key = parse(settings.rate_limit_per_key)
+        self.per_tenant = parse(settings.rate_limit_per_tenant)
+
+    @property
+    def per_key(self) -> RateLimitItem:
+        return self._per_key
+
+    @per_key.setter
+    def per_key(self, item: RateLimitItem) -> None:
+        self._per_key, self._key_cells = item, CellRate(item)
+
+    @property
+    def per_tenant(self) -> RateLimitItem:
+        return self._per_tenant
+
+    @per_tenant.setter
+    def per_tenant(self, item: RateLimitItem) -> None:
+        self._per_tenant, self._tenant_cells = item, CellRate(item)
+
+    async def check(self, *, key_id: Hashable, tenant_id: Hashable) -> int | None:
+        """None when the call may go; otherwise the seconds to wait."""
+        if self.redis is not None:
+            return await self._check_shared(key_id=key_id, tenant_id=tenant_id)
+        now = time.monotonic()
+        wait = self._key_cells.allow(key_id, now)
+        if wait is None:
+            wait = self._tenant_cells.allow(tenant_id, now)
+        return None if wait is None else max(1, math.ceil(wait))
+
+    async def _check_shared(self, *, key_id: Hashable, tenant_id: Hashable) -> int | None:
+        assert self.redis is not None
+        for item, kind, identity in ((self._per_key, "key", str(key_id)), (self._per_tenant, "tenant", str(tenant_id))):
+            if not await self.redis.hit(item, kind, identity):
+                stats = await self.redis.get_window_stats(item, kind, identity)
+                return max(1, math.ceil(stats.reset_time - time.time()))
+        return None
 
     async def close(self) -> None:
-        reset = getattr(self.storage, "reset", None)
-        if isinstance(self.storage, MemoryStorage) and reset is not None:
-            await reset()
+        self._key_cells.tat.clear()
+        self._tenant_cells.tat.clear()
