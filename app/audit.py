@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -119,8 +119,8 @@ async def _lock_chain(session: AsyncSession) -> None:
     event.listen(sync_session, "after_soft_rollback", release, once=True)
 
 
-async def append(session: AsyncSession, records: Iterable[AuditRecord]) -> list[AuditEntry]:
-    """Add rows to the chain inside the caller's transaction (commit is the caller's)."""
+async def _chained(session: AsyncSession, records: Iterable[AuditRecord]) -> list[dict[str, Any]]:
+    """Lock the chain, then the column values of each record linked to the one before."""
     batch = [_truncate(r) for r in records]
     if not batch:
         return []
@@ -129,25 +129,30 @@ async def append(session: AsyncSession, records: Iterable[AuditRecord]) -> list[
     rows = []
     for record in batch:
         digest = entry_hash(prev, record)
-        rows.append(
-            AuditEntry(
-                at=record.at,
-                actor_type=record.actor.type,
-                actor_id=record.actor.id,
-                tenant_id=record.tenant_id,
-                action=record.action,
-                target=record.target,
-                outcome=record.outcome,
-                request_id=record.request_id,
-                details=record.details,
-                prev_hash=prev,
-                hash=digest,
-            )
-        )
+        rows.append({
+            "at": record.at, "actor_type": record.actor.type, "actor_id": record.actor.id,
+            "tenant_id": record.tenant_id, "action": record.action, "target": record.target,
+            "outcome": record.outcome, "request_id": record.request_id, "details": record.details,
+            "prev_hash": prev, "hash": digest,
+        })
         prev = digest
+    return rows
+
+
+async def append(session: AsyncSession, records: Iterable[AuditRecord]) -> list[AuditEntry]:
+    """Add rows to the chain inside the caller's transaction (commit is the caller's)."""
+    rows = [AuditEntry(**values) for values in await _chained(session, records)]
     session.add_all(rows)
     await session.flush()
     return rows
+
+
+async def append_batch(session: AsyncSession, records: Iterable[AuditRecord]) -> int:
+    """``append`` for the batching writer: one multi-row INSERT, no ORM objects, nothing returned."""
+    rows = await _chained(session, records)
+    if rows:
+        await session.execute(insert(AuditEntry), rows)
+    return len(rows)
 
 
 async def record(session: AsyncSession, action: str, actor: Actor, **kwargs: Any) -> AuditEntry:

@@ -64,7 +64,7 @@ class AuditWriter:
                 batch = self._buffer[: self.max_batch]
                 try:
                     async with self.db.session() as session:
-                        await audit.append(session, batch)
+                        await audit.append_batch(session, batch)
                 except Exception:  # noqa: BLE001 - kept and retried; never crash the writer
                     tries += 1
                     if attempts is not None and tries >= attempts:

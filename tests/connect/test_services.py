@@ -65,6 +65,20 @@ async def test_audit_chain_verifies_and_finds_an_altered_row(db_session, on_post
     assert not report.ok and report.broken_at == third.id and "altered" in report.reason
 
 
+async def test_batched_audit_rows_keep_their_order_and_extend_the_chain(db_session):
+    from app.audit import AuditRecord
+
+    await audit.record(db_session, "test.before", Actor.system(), target="first")
+    batch = [AuditRecord(action="proxy.phi_access", actor=Actor.system(), target=f"GET /c/{i}", details={"i": i})
+             for i in range(300)]
+    assert await audit.append_batch(db_session, batch) == 300
+    await audit.record(db_session, "test.after", Actor.system(), target="last")
+    targets = (await db_session.scalars(select(AuditEntry.target).order_by(AuditEntry.id))).all()
+    assert targets == ["first", *(f"GET /c/{i}" for i in range(300)), "last"]
+    report = await audit.verify_chain(db_session)
+    assert report.ok and report.rows == 302
+
+
 async def test_data_keys_rotate_and_old_master_key_can_go(database_url):
     from app.db import Database, create_engine
     from app.settings import Settings
