@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.logs import get_logger
@@ -208,7 +209,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, (OperationalError, DBAPIError, OSError)) and _is_connectivity(exc):
+    if is_database_unavailable(exc):
         return await _database_error(request, exc)
     log.exception("unhandled error", path=request.url.path)
     return render_error(
@@ -223,15 +224,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 # SQLSTATE classes that mean "the database cannot serve us right now", not "our query is wrong":
 # 08 connection exception, 53 insufficient resources (53300 too many clients), 57P operator
 # intervention (57P01 admin shutdown, 57P03 starting up).
-_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 
 
-def _is_connectivity(exc: Exception) -> bool:
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The database cannot serve us right now (down, restarting, full), as opposed to a bad query."""
+    if isinstance(exc, PoolTimeout):  # every pooled connection busy for pool_timeout seconds
+        return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             return True
         sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
-        if str(sqlstate).startswith(_UNAVAILABLE_SQLSTATES):
+        if str(sqlstate).startswith(UNAVAILABLE_SQLSTATES):
             return True
         return "connect" in str(exc.orig).lower()
     return isinstance(exc, (ConnectionError, OSError))

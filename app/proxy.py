@@ -31,7 +31,7 @@ from app.audit import ACTOR_API_KEY, Actor, AuditRecord
 from app.audit_writer import AuditWriter
 from app.db import Database
 from app.endpoints import READ_METHODS, Endpoint, resolve
-from app.errors import AppError
+from app.errors import UNAVAILABLE_SQLSTATES, AppError
 from app.idempotency import Idempotency, IdempotencyError, Stored, fingerprint, valid_key
 from app.logs import get_logger
 from app.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS
@@ -276,7 +276,7 @@ class Proxy:
                     await conn.invalidate(exc)
                     raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
                 except asyncpg.PostgresError as exc:
-                    if str(exc.sqlstate or "").startswith(("08", "53", "57P")):
+                    if str(exc.sqlstate or "").startswith(UNAVAILABLE_SQLSTATES):
                         await conn.invalidate(exc)
                         raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
                     raise

@@ -38,7 +38,7 @@ from app import audit, events, token_endpoint
 from app.audit import Actor
 from app.connections import ACTIVE, NEEDS_REAUTH
 from app.db import Database
-from app.errors import AppError, Conflict, ServiceUnavailable
+from app.errors import AppError, Conflict, ServiceUnavailable, is_database_unavailable
 from app.keys import load_data_key
 from app.logs import get_logger
 from app.metrics import REFRESH_SECONDS, REFRESHES
@@ -50,6 +50,7 @@ from app.vault import DataKey, DataKeyCache
 log = get_logger(__name__)
 
 _POLL_SECONDS = 0.05
+_STORE_RETRY_SECONDS = 10.0  # how long a refresh answer waits for the database to come back
 
 
 class ConnectionNeedsReauth(Conflict):
@@ -285,6 +286,23 @@ class Refresher:
             )
 
     async def _store(self, row: RowState, key, answer: TokenResponse, old_refresh: str | None) -> AccessToken:
+        """Write what Salesmsg answered. Salesmsg has already rotated the refresh token, so losing
+        this write loses the grant: while the database is briefly away, keep trying (with backoff,
+        well inside the lease) before giving up."""
+        give_up = time.monotonic() + min(_STORE_RETRY_SECONDS, self.lease.total_seconds() / 2)
+        delay = 0.1
+        while True:
+            try:
+                return await self._store_once(row, key, answer, old_refresh)
+            except Exception as exc:
+                if not is_database_unavailable(exc) or time.monotonic() + delay > give_up:
+                    raise
+                log.warning("refreshed tokens not stored yet: database unavailable; retrying",
+                            connection_id=str(row.id), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _store_once(self, row: RowState, key, answer: TokenResponse, old_refresh: str | None) -> AccessToken:
         now = datetime.now(UTC)
         expires_in = answer.expires_in or (3600 if row.kind == "pat" else None)
         expires_at = now + timedelta(seconds=expires_in) if expires_in else None

@@ -233,6 +233,39 @@ async def test_a_refresh_cut_off_by_the_outage_leaves_a_whole_row_and_settles_tr
     print(f"\nrefresh cut off by the outage: row kept version {row.conn.version}, ended {outcome}")
 
 
+async def test_a_refresh_answered_during_a_short_outage_is_stored_when_the_database_is_back(
+    key, runtime, connected_settings, upstream, tmp_path, pg_link, via_link
+):
+    """Salesmsg has rotated the refresh token and the database is away for a second: the new
+    tokens are written once it is back (losing them would lose the grant), the caller gets its
+    data, and the next refresh works with the stored refresh token."""
+    tenant_id = await _tenant_id(runtime)
+    env = serve_env(connected_settings, database_url=via_link, SMC_REFRESH_LEASE_SECONDS="30")
+    with serving(env, tmp_path, name="db-refresh-blip", ready="/readyz") as app:
+        async with httpx.AsyncClient(timeout=60) as http:
+            await expire_everywhere(runtime, upstream, tenant_id)
+            upstream.controls.slow_token(1500)
+            upstream.controls.reset_counters()
+            call = asyncio.ensure_future(http.get(app.url(GET), headers=auth(key)))
+            try:
+                await counter_at_least(upstream.controls, "token.refresh", 1)
+                pg_link.down()
+                await counter_at_least(upstream.controls, "token.refresh.200", 1)  # rotated at Salesmsg
+                await asyncio.sleep(1.5)  # our write meets the outage and waits
+            finally:
+                pg_link.up()
+                upstream.controls.slow_token(0)
+            answer = await call
+            assert answer.status_code == 200, answer.text
+            row = await check_row(runtime, tenant_id)
+            assert row.conn.status == "active" and row.conn.version == 2
+            await expire_everywhere(runtime, upstream, tenant_id)  # the stored refresh token is the live one
+            again = await http.get(app.url(GET), headers=auth(key))
+            assert again.status_code == 200, again.text
+            assert upstream.controls.counter("token.refresh.200") == 2
+    assert (await check_row(runtime, tenant_id)).conn.version == 3
+
+
 async def test_a_phi_call_served_while_the_database_restarts_is_still_audited(
     key, runtime, connected_settings, upstream, tmp_path, pg_link, via_link
 ):
