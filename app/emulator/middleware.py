@@ -40,6 +40,29 @@ def is_api_path(path: str) -> bool:
     return path.startswith(API_PREFIX + "/") and not path.startswith(API_PREFIX + "/oauth/")
 
 
+async def _read_whole(receive: Receive) -> tuple[bytes, Receive]:
+    """Read the request body now; the app then reads it from memory (and sees a later disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
 async def drop_connection(receive: Receive) -> None:
     """Close the client's connection without any HTTP answer.
 
@@ -94,32 +117,17 @@ class EmulatorMiddleware:
         """Counter names for the request; may buffer the body (token endpoint) and return a replaying receive."""
         method, path = scope["method"], scope["path"]
         if path == TOKEN_PATH and method == "POST":
-            chunks, more = [], True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return ["token.unknown"], receive
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            body = b"".join(chunks)
+            body, replay = await _read_whole(receive)
             headers = dict(scope["headers"])
             grant = _grant_type(body, headers.get(b"content-type", b"").decode("latin-1").lower())
             name = {"authorization_code": "authorization_code", "refresh_token": "refresh"}.get(grant or "", "unknown")
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
             names = [f"token.{name}"] + (["token.refresh./oauth/token"] if name == "refresh" else [])
             return names, replay
-        if path == REFRESH_PATH:
-            return ["token.refresh", "token.refresh./oauth/token/refresh"], receive
-        if path == PAT_REFRESH_PATH:
-            return ["token.pat_refresh"], receive
+        if path in (REFRESH_PATH, PAT_REFRESH_PATH):
+            # read now: like Salesmsg, a refresh whose body arrived is carried out (and rotates)
+            # even if the client hangs up during the token delay
+            names = ["token.refresh", "token.refresh./oauth/token/refresh"] if path == REFRESH_PATH else ["token.pat_refresh"]
+            return names, (await _read_whole(receive))[1]
         if path == "/auth/oauth":
             return ["authorize"], receive
         if path == "/auth/oauth/decision":
