@@ -21,7 +21,7 @@ PY_SPY_VERSION = "0.4.3"
 # a sample is charged to it only when no other known frame is on its stack.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging (structlog, logging, app/logs.py)", ("/structlog/", "/logging/", "/app/logs.py")),
-    ("rate limits (limits, app/rate_limits.py)", ("/limits/", "/app/rate_limits.py")),
+    ("rate limits (app/rate_limits.py; limits only with Redis)", ("/limits/", "/app/rate_limits.py")),
     ("SQLAlchemy", ("/sqlalchemy/",)),
     ("asyncpg (incl. its Cython protocol)", ("/asyncpg/",)),
     ("aiohttp (with yarl, multidict)", ("/aiohttp/", "/yarl/", "/multidict/")),
@@ -39,12 +39,12 @@ LOOP_PATHS = ("/asyncio/", "/uvloop/")
 # counts when any frame matches.
 WATCH: dict[str, list[tuple[str | None, str]]] = {
     "the proxy handler (Proxy.handle)": [("Proxy.handle", "/app/proxy.py")],
-    "grant lookup (Proxy._lookup: pool, BEGIN, SELECT, ROLLBACK)": [("Proxy._lookup", "/app/proxy.py")],
-    "BEGIN sent by SQLAlchemy's autobegin": [(None, "_start_transaction")],
+    "grant lookup (Proxy._lookup: pool checkout, one SELECT)": [("Proxy._lookup", "/app/proxy.py")],
+    "BEGIN sent by SQLAlchemy's autobegin (audit writer, usage)": [(None, "_start_transaction")],
     "ROLLBACK when the connection returns to the pool": [("Transaction.rollback", "/asyncpg/transaction.py")],
     "new PostgreSQL connections (pool overflow churn)": [(None, "/asyncpg/connect_utils.py")],
-    "rate limits (RateLimits.check and limits' expiry task)": [(None, "/limits/"), (None, "/app/rate_limits.py")],
-    "thread pool work (limits' asyncio.to_thread)": [(None, "/concurrent/futures/")],
+    "rate limits (RateLimits.check)": [(None, "/limits/"), (None, "/app/rate_limits.py")],
+    "thread pool work (asyncio.to_thread)": [(None, "/concurrent/futures/")],
     "the upstream call (aiohttp)": [(None, "/aiohttp/")],
     "uvicorn's send (response to the socket)": [("RequestResponseCycle.send", "/uvicorn/")],
     "logging (structlog, logging), anywhere": [(None, "/structlog/"), (None, "/logging/__init__.py")],
