@@ -7,6 +7,7 @@ carries the request id and the security headers and never a stack trace.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -21,6 +22,7 @@ from app.logs import get_logger
 from app.metrics import REQUEST_SECONDS, REQUESTS
 
 log = get_logger("app.access")
+_ACCESS_LOG = logging.getLogger("app.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
@@ -122,7 +124,8 @@ class RequestContextMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             REQUESTS.labels(template, method, str(status)).inc()
             REQUEST_SECONDS.labels(template).observe(elapsed)
-        log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
+        if _ACCESS_LOG.isEnabledFor(logging.INFO):  # skip building the event when it would be dropped
+            log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
 
 
 _PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # what the proxy's route matches

@@ -147,6 +147,8 @@ class Proxy:
         self.usage = usage
         self.rate_limits = rate_limits
         self.idempotency = idempotency
+        self._requests: dict[tuple[str, int], Any] = {}  # metric children, looked up once
+        self._seconds = REQUEST_SECONDS.labels(ROUTE)
         self.by_slug = _lookup_statement(by_id=False)
         self.by_id = _lookup_statement(by_id=True)
         # PostgreSQL: the same query as SQL text for asyncpg itself, on a connection checked out
@@ -177,8 +179,11 @@ class Proxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         elapsed = time.perf_counter() - started
-        REQUESTS.labels(ROUTE, method, str(status)).inc()
-        REQUEST_SECONDS.labels(ROUTE).observe(elapsed)
+        counter = self._requests.get((method, status))
+        if counter is None:
+            counter = self._requests[(method, status)] = REQUESTS.labels(ROUTE, method, str(status))
+        counter.inc()
+        self._seconds.observe(elapsed)
 
     async def _serve(
         self, scope: Scope, receive: Receive, method: str, request_id: str, context: dict[str, Any]
