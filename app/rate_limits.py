@@ -20,6 +20,9 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from app.settings import Settings
 
 
+_SLACK = 1e-6  # seconds
+
+
 class CellRate:
     """GCRA for one limit: ``allow`` answers None (and counts the call) or the seconds to wait."""
 
@@ -36,7 +39,7 @@ class CellRate:
         if tat < now:
             tat = now
         new_tat = tat + self.interval
-        if new_tat - now > self.period:
+        if new_tat - now > self.period + _SLACK:  # slack: float sums must not cost the N-th call
             return new_tat - now - self.period
         if len(self.tat) >= self.max_entries and identity not in self.tat:
             self._prune(now)

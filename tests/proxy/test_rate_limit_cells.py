@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from limits import parse
 
 from app.rate_limits import CellRate
@@ -18,6 +19,15 @@ def test_a_burst_of_n_then_one_call_per_interval():
     assert cells.allow("key-a", now + 10) is not None
     assert cells.allow("key-b", now) is None  # another identity has its own budget
     assert all(cells.allow("key-a", now + 70 + i / 100) is None for i in range(6))  # whole again after a minute
+
+
+@pytest.mark.parametrize("rate", ["600/minute", "100/minute", "1000/hour", "7/minute", "3/second"])
+@pytest.mark.parametrize("now", [0.0, 123456.789, 9_876_543.21])
+def test_the_whole_burst_is_allowed_whatever_the_clock_reads(rate, now):
+    item = parse(rate)
+    cells = CellRate(item)
+    assert all(cells.allow("k", now) is None for _ in range(item.amount))  # float sums must not cost the N-th
+    assert cells.allow("k", now) is not None
 
 
 def test_refused_calls_do_not_spend_the_budget():
