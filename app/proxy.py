@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 import asyncpg
@@ -38,6 +38,7 @@ from app.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS
 from app.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
 from app.rate_limits import RateLimits
 from app.settings import Settings
+from app.tenants import SLUG
 from app.upstream import Access, Answer, Refusal, Upstream, decide, error_json
 from app.usage import UsageRecorder
 from app.vault import DataKey, DataKeyCache, VaultError
@@ -267,7 +268,10 @@ class Proxy:
         except ValueError:
             tenant_id = None
         by_id = tenant_id is not None
-        params = {"prefix": prefix, "tenant_id": tenant_id} if by_id else {"prefix": prefix, "slug": tenant_ref.lower()}
+        slug = tenant_ref.lower()
+        if not by_id and not SLUG.fullmatch(slug):
+            slug = ""  # matches no tenant (the key is still checked first); a NUL never reaches PostgreSQL
+        params = {"prefix": prefix, "tenant_id": tenant_id} if by_id else {"prefix": prefix, "slug": slug}
         async with self.db.engine.connect() as conn:
             if self.raw_sql is None:
                 row = (await conn.execute(self.by_id if by_id else self.by_slug, params)).first()
@@ -277,15 +281,20 @@ class Proxy:
                 try:
                     row = await raw.fetchrow(sql, *(params[name] for name in names))
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                    # what SQLAlchemy would do: drop the connection from the pool, answer 503
-                    await conn.invalidate(exc)
-                    raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
+                    await self._disconnected(conn, exc)
                 except asyncpg.PostgresError as exc:
                     if str(exc.sqlstate or "").startswith(UNAVAILABLE_SQLSTATES):
-                        await conn.invalidate(exc)
-                        raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
+                        await self._disconnected(conn, exc)
                     raise
         return Grant(*row) if row is not None else None
+
+    async def _disconnected(self, conn, exc: Exception) -> NoReturn:
+        """What SQLAlchemy does on a disconnect: every connection pooled before now is stale
+        (PostgreSQL restarted), this one is dropped, and the caller gets the documented 503."""
+        fairy = await conn.get_raw_connection()
+        self.db.engine.sync_engine.pool._invalidate(fairy, exc, _checkin=False)  # pinned SQLAlchemy 2.1
+        await conn.invalidate(exc)
+        raise OperationalError("proxy grant lookup", None, exc, connection_invalidated=True) from exc
 
     def _data_key(self, grant: Grant) -> DataKey:
         if grant.data_key_id is None or grant.master_key_id is None or grant.wrapped_key is None:

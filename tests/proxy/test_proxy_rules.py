@@ -58,6 +58,17 @@ async def test_a_key_for_tenant_a_cannot_reach_tenant_b(runtime, two_tenants, cl
     assert conn_a is not None and grants  # the contact was created with tenant A's grant only
 
 
+@pytest.mark.parametrize("ref", ["tenant%00a", "%00", "tenant-a%0A", "t%C3%A9nant", "x" * 300, "tenant_a", "-tenant-a"])
+async def test_a_tenant_reference_that_is_no_slug_is_404_and_never_a_500(runtime, two_tenants, client_for, ref):
+    key = await make_api_key(runtime)
+    response = await client_for.get(CONVERSATIONS.format(t=ref), headers=auth(key))
+    assert response.status_code in (400, 404), (ref, response.status_code, response.text[:200])
+    assert response.json()["error"]["code"] in ("tenant_not_found", "not_found", "invalid_path")
+    # and a bad key is still told so first
+    bad = await client_for.get(CONVERSATIONS.format(t=ref), headers=auth(key[:-4] + "AAAA"))
+    assert bad.status_code in (400, 401, 404) and bad.status_code != 500
+
+
 async def test_all_tenant_key_reaches_by_id_and_slug(runtime, two_tenants, client_for):
     a, b = two_tenants
     key = await make_api_key(runtime)
