@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -225,6 +225,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 # 08 connection exception, 53 insufficient resources (53300 too many clients), 57P operator
 # intervention (57P01 admin shutdown, 57P03 starting up).
 UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# what drivers say when the connection itself is gone (asyncpg's InterfaceError has no SQLSTATE)
+_DISCONNECT_PHRASES = ("connection is closed", "connection was closed", "connection refused", "could not connect",
+                       "cannot connect", "connection reset", "closed the connection", "terminating connection",
+                       "connection does not exist", "unable to open database")
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -235,9 +239,12 @@ def is_database_unavailable(exc: BaseException) -> bool:
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             return True
         sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
-        if str(sqlstate).startswith(UNAVAILABLE_SQLSTATES):
-            return True
-        return "connect" in str(exc.orig).lower()
+        if sqlstate:
+            return str(sqlstate).startswith(UNAVAILABLE_SQLSTATES)
+        if isinstance(exc, (IntegrityError, ProgrammingError, DataError)):
+            return False  # our query or data, never the database's availability
+        text = str(exc.orig).lower()
+        return isinstance(exc.orig, OSError) or any(phrase in text for phrase in _DISCONNECT_PHRASES)
     return isinstance(exc, (ConnectionError, OSError))
 
 

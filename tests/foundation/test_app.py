@@ -141,3 +141,29 @@ def test_settings_are_not_built_at_import_time(monkeypatch):
     with pytest.raises(Exception) as info:
         app.main.create_app(Settings(_env_file=None))
     assert "SMC_SESSION_SECRET" in str(info.value)
+
+
+def test_only_an_unavailable_database_is_a_503_not_a_bad_query_that_names_a_connection():
+    from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+
+    from app.errors import is_database_unavailable
+
+    class DriverError(Exception):
+        def __init__(self, message: str, sqlstate: str | None = None) -> None:
+            super().__init__(message)
+            self.sqlstate = sqlstate
+
+    def dbapi(kind, message, sqlstate=None):
+        return kind("SELECT 1", None, DriverError(message, sqlstate))
+
+    assert is_database_unavailable(dbapi(DBAPIError, "the database system is starting up", "57P03"))
+    assert is_database_unavailable(dbapi(DBAPIError, "sorry, too many clients already", "53300"))
+    assert is_database_unavailable(dbapi(DBAPIError, "terminating connection due to administrator command", "57P01"))
+    assert is_database_unavailable(dbapi(InterfaceError, "connection is closed"))
+    assert is_database_unavailable(dbapi(OperationalError, "database is locked"))
+    assert is_database_unavailable(ConnectionRefusedError())
+    dup = 'duplicate key value violates unique constraint "uq_connections_tenant_id"'
+    assert not is_database_unavailable(dbapi(IntegrityError, dup, "23505"))
+    assert not is_database_unavailable(dbapi(IntegrityError, "connection_id may not be null"))
+    assert not is_database_unavailable(dbapi(DBAPIError, 'relation "connections" does not exist', "42P01"))
+    assert not is_database_unavailable(ValueError("connect"))
