@@ -225,6 +225,7 @@ class Refresher:
         return await asyncio.shield(task)
 
     async def _refresh_holding_lease(self, row: RowState, *, seen_version: int, force: bool) -> AccessToken:
+        lease_ends = time.monotonic() + self.lease.total_seconds()  # taken just now (or by the worker's batch)
         now = datetime.now(UTC)
         already_done = row.version != seen_version and (force or self.fresh_enough(row.access_expires_at, now))
         if already_done or (not force and self.fresh_enough(row.access_expires_at, now)):
@@ -256,7 +257,7 @@ class Refresher:
             raise ConnectionNeedsReauth() from exc
         REFRESH_SECONDS.observe(time.perf_counter() - started)
         REFRESHES.labels("success").inc()
-        return await self._store(row, key, answer, refresh_token)
+        return await self._store(row, key, answer, refresh_token, lease_ends=lease_ends)
 
     async def _key(self, row: RowState):
         async with self.db.sessionmaker() as session:
@@ -285,15 +286,17 @@ class Refresher:
                 .execution_options(synchronize_session=False)
             )
 
-    async def _store(self, row: RowState, key, answer: TokenResponse, old_refresh: str | None) -> AccessToken:
+    async def _store(self, row: RowState, key, answer: TokenResponse, old_refresh: str | None, *, lease_ends: float) -> AccessToken:
         """Write what Salesmsg answered. Salesmsg has already rotated the refresh token, so losing
-        this write loses the grant: while the database is briefly away, keep trying (with backoff,
-        well inside the lease) before giving up."""
-        give_up = time.monotonic() + min(_STORE_RETRY_SECONDS, self.lease.total_seconds() / 2)
+        this write loses the grant: while the database is briefly away, keep trying, with backoff
+        and every attempt bounded, until a safety margin before our lease ends (after that another
+        process may take the lease and refresh with the token Salesmsg has retired)."""
+        give_up = min(time.monotonic() + _STORE_RETRY_SECONDS, lease_ends - min(5.0, self.lease.total_seconds() / 4))
         delay = 0.1
         while True:
             try:
-                return await self._store_once(row, key, answer, old_refresh)
+                async with asyncio.timeout(max(2.0, give_up - time.monotonic())):
+                    return await self._store_once(row, key, answer, old_refresh)
             except Exception as exc:
                 if not is_database_unavailable(exc) or time.monotonic() + delay > give_up:
                     raise
