@@ -40,13 +40,19 @@ def is_api_path(path: str) -> bool:
     return path.startswith(API_PREFIX + "/") and not path.startswith(API_PREFIX + "/oauth/")
 
 
-async def _read_whole(receive: Receive) -> tuple[bytes, Receive]:
-    """Read the request body now; the app then reads it from memory (and sees a later disconnect)."""
+async def _read_whole(receive: Receive) -> tuple[bytes | None, Receive]:
+    """Read the request body now; the app then reads it from memory (and sees a later disconnect).
+    A client that hung up before its body was complete gets None, and the app sees the hang-up."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            ended = message
+
+            async def hung_up() -> Message:
+                return ended
+
+            return None, hung_up
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
@@ -118,6 +124,8 @@ class EmulatorMiddleware:
         method, path = scope["method"], scope["path"]
         if path == TOKEN_PATH and method == "POST":
             body, replay = await _read_whole(receive)
+            if body is None:
+                return ["token.unknown"], replay
             headers = dict(scope["headers"])
             grant = _grant_type(body, headers.get(b"content-type", b"").decode("latin-1").lower())
             name = {"authorization_code": "authorization_code", "refresh_token": "refresh"}.get(grant or "", "unknown")
