@@ -17,6 +17,7 @@ import structlog
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.asgi_body import BodyTooLarge, buffer_body
 from app.errors import render_error
 from app.logs import get_logger
 from app.metrics import REQUEST_SECONDS, REQUESTS
@@ -95,7 +96,10 @@ class RequestContextMiddleware:
             declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             too_large = declared is not None and (not declared.isdigit() or int(declared) > self.max_body)
             if declared is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-                receive, too_large = await _buffered(receive, self.max_body)  # chunked: read it, up to the limit
+                try:  # chunked: read it now, up to the limit
+                    _body, receive = await buffer_body(receive, limit=self.max_body)
+                except BodyTooLarge:
+                    too_large = True
             if too_large:
                 response = render_error(Request(scope), status_code=413, code="payload_too_large",
                                         message="The request body is too large.")
@@ -133,30 +137,3 @@ _PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # what the proxy's ro
 
 def _is_proxy(path: str) -> bool:
     return _PROXY_PATH.match(path) is not None
-
-
-async def _buffered(receive: Receive, limit: int) -> tuple[Receive, bool]:
-    """Read a body that came without a length, up to ``limit``; replay it to the app."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        size += len(message.get("body", b""))
-        if size > limit:
-            return receive, True
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay, False

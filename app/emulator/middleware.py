@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.asgi_body import buffer_body
 from app.emulator.api.guard import API_PREFIX, error_page
 from app.emulator.faults import FailRule
 from app.emulator.oauth import PAT_REFRESH_PATH, REFRESH_PATH, TOKEN_PATH
@@ -38,35 +39,6 @@ class ConnectionDropped(Exception):
 
 def is_api_path(path: str) -> bool:
     return path.startswith(API_PREFIX + "/") and not path.startswith(API_PREFIX + "/oauth/")
-
-
-async def _read_whole(receive: Receive) -> tuple[bytes | None, Receive]:
-    """Read the request body now; the app then reads it from memory (and sees a later disconnect).
-    A client that hung up before its body was complete gets None, and the app sees the hang-up."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            ended = message
-
-            async def hung_up() -> Message:
-                return ended
-
-            return None, hung_up
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
 
 
 async def drop_connection(receive: Receive) -> None:
@@ -123,7 +95,7 @@ class EmulatorMiddleware:
         """Counter names for the request; may buffer the body (token endpoint) and return a replaying receive."""
         method, path = scope["method"], scope["path"]
         if path == TOKEN_PATH and method == "POST":
-            body, replay = await _read_whole(receive)
+            body, replay = await buffer_body(receive)
             if body is None:
                 return ["token.unknown"], replay
             headers = dict(scope["headers"])
@@ -135,7 +107,7 @@ class EmulatorMiddleware:
             # read now: like Salesmsg, a refresh whose body arrived is carried out (and rotates)
             # even if the client hangs up during the token delay
             names = ["token.refresh", "token.refresh./oauth/token/refresh"] if path == REFRESH_PATH else ["token.pat_refresh"]
-            return names, (await _read_whole(receive))[1]
+            return names, (await buffer_body(receive))[1]
         if path == "/auth/oauth":
             return ["authorize"], receive
         if path == "/auth/oauth/decision":
