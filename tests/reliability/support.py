@@ -100,6 +100,31 @@ async def counter_at_least(controls: EmulatorControls, name: str, value: int, *,
                        timeout=timeout, what=f"emulator counter {name} >= {value}")
 
 
+async def cut_once_at_salesmsg(request: Awaitable[T], controls: EmulatorControls, counter: str, link: Any) -> T:
+    """Send ``request``; once Salesmsg has it (and holds it, by the latency the test set), take
+    ``link`` (a fault proxy: Salesmsg's or the database's) down, and return the answer."""
+    call = asyncio.ensure_future(request)
+    await counter_at_least(controls, counter, 1)
+    link.down()
+    return await call
+
+
+async def connected_key(runtime, browser, upstream, slug: str) -> str:
+    """Connect ``slug`` through the real OAuth flow; an API key for it; counters from zero."""
+    from tests.support.journeys import connected_tenant, make_api_key
+
+    await connected_tenant(runtime, browser, slug)
+    key = await make_api_key(runtime, tenants=[slug])
+    upstream.controls.reset_counters()
+    return key
+
+
+async def first_conversation(client: httpx.AsyncClient, key: str, slug: str) -> int:
+    response = await client.get(proxy_url(slug, "conversations?limit=1"), headers=auth(key))
+    assert response.status_code == 200, response.text
+    return response.json()[0]["id"]
+
+
 # -- processes -------------------------------------------------------------------------------
 
 

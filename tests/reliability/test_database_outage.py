@@ -26,6 +26,7 @@ from tests.reliability.support import (
     auth,
     check_row,
     counter_at_least,
+    cut_once_at_salesmsg,
     error_code,
     expire_everywhere,
     proxy_url,
@@ -195,14 +196,6 @@ async def _tenant_id(runtime):
         return (await get_tenant(session, SLUG)).id
 
 
-async def _cut_while_at_salesmsg(http, upstream, pg_link, request, counter: str):
-    """Send ``request``; once Salesmsg has it (and holds it, by the latency set), cut the database."""
-    call = asyncio.ensure_future(request)
-    await counter_at_least(upstream.controls, counter, 1)
-    pg_link.down()
-    return await call
-
-
 async def test_a_refresh_cut_off_by_the_outage_leaves_a_whole_row_and_settles_truthfully(
     key, runtime, connected_settings, upstream, tmp_path, pg_link, via_link
 ):
@@ -216,8 +209,8 @@ async def test_a_refresh_cut_off_by_the_outage_leaves_a_whole_row_and_settles_tr
             upstream.controls.slow_token(2500)  # time to cut the database; under the 4 s call timeout
             upstream.controls.reset_counters()
             try:
-                cut = await _cut_while_at_salesmsg(http, upstream, pg_link, http.get(app.url(GET), headers=auth(key)),
-                                                   "token.refresh")
+                cut = await cut_once_at_salesmsg(http.get(app.url(GET), headers=auth(key)), upstream.controls,
+                                                 "token.refresh", pg_link)
                 assert assert_documented_5xx(cut, allowed={503}) in ("service_unavailable", "refresh_unavailable")
                 await counter_at_least(upstream.controls, "token.refresh.200", 1)  # Salesmsg did refresh
             finally:
@@ -279,9 +272,9 @@ async def test_a_phi_call_served_while_the_database_restarts_is_still_audited(
             upstream.controls.reset_counters()
             upstream.controls.set_latency(1500)
             try:
-                served = await _cut_while_at_salesmsg(
-                    http, upstream, pg_link, http.get(app.url(GET), headers={**auth(key), "X-Request-ID": request_id}),
-                    "api.GET /conversations",
+                served = await cut_once_at_salesmsg(
+                    http.get(app.url(GET), headers={**auth(key), "X-Request-ID": request_id}), upstream.controls,
+                    "api.GET /conversations", pg_link,
                 )
                 assert served.status_code == 200  # the data reached the caller: conversations are PHI
                 outage_ends = time.monotonic() + 3  # a short restart
@@ -318,8 +311,8 @@ async def test_a_send_salesmsg_accepted_while_the_database_went_away_is_answered
             upstream.controls.reset_counters()
             upstream.controls.set_latency(1500)
             try:
-                sent = await _cut_while_at_salesmsg(http, upstream, pg_link, http.post(url, headers=headers, json={"message": text}),
-                                                    "api.POST /conversations/{id}/send")
+                sent = await cut_once_at_salesmsg(http.post(url, headers=headers, json={"message": text}),
+                                                  upstream.controls, "api.POST /conversations/{id}/send", pg_link)
             finally:
                 pg_link.up()
                 upstream.controls.set_latency(0)

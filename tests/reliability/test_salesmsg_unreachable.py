@@ -6,13 +6,18 @@ connections, reset them as they open, or cut the ones in use, as a broken networ
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import pytest
 
-from tests.reliability.support import assert_documented_5xx, auth, counter_at_least, proxy_url
-from tests.support.journeys import connected_tenant, make_api_key
+from tests.reliability.support import (
+    assert_documented_5xx,
+    auth,
+    connected_key,
+    cut_once_at_salesmsg,
+    first_conversation,
+    proxy_url,
+)
 from tests.support.tcp_proxy import TcpFaultProxy
 
 GET = proxy_url("netfail", "conversations?limit=3")
@@ -35,16 +40,11 @@ def connected_settings(connected_settings, salesmsg_link):
 
 @pytest.fixture
 async def key(runtime, browser, upstream):
-    await connected_tenant(runtime, browser, "netfail")
-    key = await make_api_key(runtime, tenants=["netfail"])
-    upstream.controls.reset_counters()
-    return key
+    return await connected_key(runtime, browser, upstream, "netfail")
 
 
 async def _conversation(client, key: str) -> int:
-    response = await client.get(proxy_url("netfail", "conversations?limit=1"), headers=auth(key))
-    assert response.status_code == 200, response.text
-    return response.json()[0]["id"]
+    return await first_conversation(client, key, "netfail")
 
 
 async def _count_in_thread(client, key: str, conversation: int, text: str) -> int:
@@ -105,10 +105,8 @@ async def test_a_connection_cut_while_salesmsg_works_on_a_get_is_502_then_recove
     upstream.controls.reset_counters()
     upstream.controls.set_latency(1500)
     try:
-        call = asyncio.ensure_future(client_for.get(GET, headers=auth(key), timeout=60))
-        await counter_at_least(upstream.controls, "api.GET /conversations", 1)
-        salesmsg_link.down()
-        response = await call
+        response = await cut_once_at_salesmsg(client_for.get(GET, headers=auth(key), timeout=60), upstream.controls,
+                                              "api.GET /conversations", salesmsg_link)
     finally:
         upstream.controls.set_latency(0)
         salesmsg_link.up()
@@ -125,10 +123,8 @@ async def test_a_send_cut_mid_request_is_502_not_retried_and_its_key_keeps_the_a
     upstream.controls.reset_counters()
     upstream.controls.set_latency(1500)
     try:
-        call = asyncio.ensure_future(client_for.post(url, headers=headers, json={"message": text}, timeout=60))
-        await counter_at_least(upstream.controls, "api.POST /conversations/{id}/send", 1)
-        salesmsg_link.down()
-        response = await call
+        response = await cut_once_at_salesmsg(client_for.post(url, headers=headers, json={"message": text}, timeout=60),
+                                              upstream.controls, "api.POST /conversations/{id}/send", salesmsg_link)
     finally:
         upstream.controls.set_latency(0)
         salesmsg_link.up()

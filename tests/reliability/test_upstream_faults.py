@@ -12,8 +12,7 @@ import uuid
 
 import pytest
 
-from tests.reliability.support import assert_documented_5xx, auth, error_code, proxy_url
-from tests.support.journeys import connected_tenant, make_api_key
+from tests.reliability.support import assert_documented_5xx, auth, connected_key, error_code, first_conversation, proxy_url
 
 GET = proxy_url("reliable", "conversations?limit=3")
 RETRYABLE = (502, 503, 504)
@@ -27,16 +26,11 @@ def connected_settings(connected_settings):
 
 @pytest.fixture
 async def key(runtime, browser, upstream):
-    await connected_tenant(runtime, browser, "reliable")
-    key = await make_api_key(runtime, tenants=["reliable"])
-    upstream.controls.reset_counters()
-    return key
+    return await connected_key(runtime, browser, upstream, "reliable")
 
 
 async def _conversation(client, key: str) -> int:
-    response = await client.get(proxy_url("reliable", "conversations?limit=1"), headers=auth(key))
-    assert response.status_code == 200, response.text
-    return response.json()[0]["id"]
+    return await first_conversation(client, key, "reliable")
 
 
 async def _thread_bodies(client, key: str, conversation: int) -> list[str]:
