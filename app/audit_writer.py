@@ -33,6 +33,12 @@ class AuditWriter:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def full(self) -> bool:
+        """The queue is at its bound (the database takes no writes for a long while): PHI calls
+        are refused rather than served unaudited."""
+        return len(self._buffer) >= self.max_queue
+
     def add(self, record: AuditRecord) -> None:
         if len(self._buffer) >= self.max_queue:
             log.error("audit queue full: record dropped", action=record.action)

@@ -225,6 +225,9 @@ class Proxy:
             raise Refusal(403, "read_only_key", "This API key is read-only.")
         access = grant.access()
         decide(access, endpoint)
+        if self.audit.full and scopes.is_phi(endpoint.scope):
+            raise Refusal(503, "audit_unavailable", "PHI access cannot be audited right now; try again shortly.",
+                          {"Retry-After": "5"})
         body = await self._body(scope, receive)
         key = self._data_key(grant)
         idem_key = self._header(scope, b"idempotency-key")

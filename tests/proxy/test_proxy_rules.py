@@ -293,6 +293,22 @@ async def test_timeouts_are_504_and_dropped_connections_502(runtime, two_tenants
     assert dropped.status_code == 502 and dropped.json()["error"]["code"] == "upstream_unavailable"
 
 
+async def test_phi_calls_are_refused_not_served_unaudited_when_the_audit_queue_is_full(runtime, two_tenants, client_for, upstream):
+    key = await make_api_key(runtime, tenants=["tenant-a"])
+    before = upstream.controls.counter("api.GET /conversations")
+    runtime.audit_writer.max_queue = 0  # as if the database had refused writes for 100,000 records
+    try:
+        refused = await client_for.get(CONVERSATIONS.format(t="tenant-a"), headers=auth(key))
+        teams = await client_for.get("/api/v1/tenants/tenant-a/proxy/teams", headers=auth(key))
+    finally:
+        runtime.audit_writer.max_queue = 100_000
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_unavailable"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert upstream.controls.counter("api.GET /conversations") == before  # nothing reached Salesmsg
+    assert teams.status_code == 200  # not PHI: served
+    assert (await client_for.get(CONVERSATIONS.format(t="tenant-a"), headers=auth(key))).status_code == 200
+
+
 async def test_rate_limits_answer_429_with_retry_after(runtime, two_tenants, client_for):
     from limits import parse
 
