@@ -40,7 +40,7 @@ class AuditWriter:
         return len(self._buffer) >= self.max_queue
 
     def add(self, record: AuditRecord) -> None:
-        if len(self._buffer) >= self.max_queue:
+        if self.full:
             log.error("audit queue full: record dropped", action=record.action)
             return
         self._buffer.append(record)

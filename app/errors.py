@@ -245,7 +245,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
             return False  # our query or data, never the database's availability
         text = str(exc.orig).lower()
         return isinstance(exc.orig, OSError) or any(phrase in text for phrase in _DISCONNECT_PHRASES)
-    return isinstance(exc, (ConnectionError, OSError))
+    return isinstance(exc, OSError)  # ConnectionError and TimeoutError among them
 
 
 def install_error_handlers(app: FastAPI) -> None:

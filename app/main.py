@@ -8,7 +8,6 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.routing import Route
 
 from app import __version__
 from app.errors import _unexpected, install_error_handlers
@@ -17,15 +16,12 @@ from app.health import router as health_router
 from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
 from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
-from app.proxy import ProxyEndpoint
 from app.paths import STATIC_DIR
 from app.runtime import Runtime
 from app.settings import Settings
 from app.templating import create_templates
 
 log = get_logger(__name__)
-
-PROXY_ROUTE_PATH = "/api/v1/tenants/{tenant}/proxy/{path:path}"
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
@@ -64,8 +60,6 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.state.settings = settings
     app.state.templates = create_templates(settings)
     install_error_handlers(app)
-    # The proxy is a plain ASGI route, matched first (DESIGN.md: the hot path).
-    app.router.routes.insert(0, Route(PROXY_ROUTE_PATH, ProxyEndpoint()))
     app.include_router(health_router)
     app.include_router(api_routes.router)
     app.include_router(auth_pages.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,6 +20,12 @@ UPSTREAM_SECONDS = Histogram(
 UPSTREAM_STATUS = Counter("smc_upstream_responses_total", "Salesmsg answers by status", ["status"])
 PROXY_DENIALS = Counter("smc_proxy_denials_total", "Proxy requests refused before Salesmsg, by reason", ["reason"])
 WEBHOOKS = Counter("smc_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
+
+
+@functools.cache
+def child(metric, *labels: str):
+    """``metric.labels(*labels)``, looked up once per label set (the hot path pays a dict hit)."""
+    return metric.labels(*labels)
 
 
 def render() -> tuple[bytes, str]:

@@ -132,7 +132,7 @@ class RequestContextMiddleware:
             log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
 
 
-_PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # what the proxy's route matches
+_PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # app.proxy.ROUTE; the rest of the path is the proxy's
 
 
 def _is_proxy(path: str) -> bool:

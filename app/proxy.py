@@ -1,6 +1,7 @@
 """The REST proxy: ``/api/v1/tenants/{tenant}/proxy/{path}`` to ``SMC_SALESMSG_API_BASE/{path}``.
 
-The hot path (DESIGN.md, "The proxy's hot path"): a plain ASGI handler, one database round trip
+The hot path (DESIGN.md, "The proxy's hot path"): a plain ASGI handler, called by our outermost
+middleware before FastAPI's router (app/middleware.py), one database round trip
 per request (key, tenant, BAA state, connection and wrapped data key in one query, so a revoked
 key or BAA, a disconnect or a refresh elsewhere takes effect on the next request in every
 process), the pooled aiohttp session upstream, bodies relayed as bytes.
@@ -34,7 +35,7 @@ from app.endpoints import READ_METHODS, Endpoint, resolve
 from app.errors import UNAVAILABLE_SQLSTATES, AppError
 from app.idempotency import Idempotency, IdempotencyError, Stored, fingerprint, valid_key
 from app.logs import get_logger
-from app.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS
+from app.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS, child
 from app.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
 from app.rate_limits import RateLimits
 from app.settings import Settings
@@ -148,8 +149,6 @@ class Proxy:
         self.usage = usage
         self.rate_limits = rate_limits
         self.idempotency = idempotency
-        self._requests: dict[tuple[str, int], Any] = {}  # metric children, looked up once
-        self._seconds = REQUEST_SECONDS.labels(ROUTE)
         self.by_slug = _lookup_statement(by_id=False)
         self.by_id = _lookup_statement(by_id=True)
         # PostgreSQL: the same query as SQL text for asyncpg itself, on a connection checked out
@@ -180,11 +179,8 @@ class Proxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         elapsed = time.perf_counter() - started
-        counter = self._requests.get((method, status))
-        if counter is None:
-            counter = self._requests[(method, status)] = REQUESTS.labels(ROUTE, method, str(status))
-        counter.inc()
-        self._seconds.observe(elapsed)
+        child(REQUESTS, ROUTE, method, str(status)).inc()
+        child(REQUEST_SECONDS, ROUTE).observe(elapsed)
 
     async def _serve(
         self, scope: Scope, receive: Receive, method: str, request_id: str, context: dict[str, Any]
@@ -394,9 +390,3 @@ def _stored_headers(stored: Stored) -> list[tuple[bytes, bytes]]:
         headers.append((b"content-type", stored.content_type.encode()))
     return headers
 
-
-class ProxyEndpoint:
-    """The plain ASGI app mounted at ``ROUTE`` (a class, so Starlette passes ASGI through)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await scope["app"].state.runtime.proxy.handle(scope, receive, send)

@@ -26,9 +26,10 @@ _SLACK = 1e-6  # seconds
 class CellRate:
     """GCRA for one limit: ``allow`` answers None (and counts the call) or the seconds to wait."""
 
-    __slots__ = ("interval", "period", "tat", "max_entries")
+    __slots__ = ("item", "interval", "period", "tat", "max_entries")
 
     def __init__(self, item: RateLimitItem, *, max_entries: int = 200_000) -> None:
+        self.item = item
         self.period = float(item.get_expiry())
         self.interval = self.period / item.amount
         self.tat: dict[Hashable, float] = {}  # theoretical arrival time of the next call, per identity
@@ -47,55 +48,42 @@ class CellRate:
         return None
 
     def _prune(self, now: float) -> None:
-        """Forget identities whose budget is whole again (their entry says nothing)."""
+        """Forget identities whose budget is whole again (their entry says nothing). When most
+        are still live, the next prune waits until the table has doubled: never O(n) per call."""
         self.tat = {k: v for k, v in self.tat.items() if v > now}
+        self.max_entries = max(self.max_entries, 2 * len(self.tat))
 
 
 class RateLimits:
+    """``per_key`` and ``per_tenant`` are the cells of each limit; their ``item`` is the limit."""
+
     def __init__(self, settings: Settings) -> None:
         self.redis: MovingWindowRateLimiter | None = None
-        self.storage: RedisStorage | None = None
         if settings.redis_url:
             url = settings.redis_url
-            self.storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
-            self.redis = MovingWindowRateLimiter(self.storage)
-        self.per_key = parse(settings.rate_limit_per_key)
-        self.per_tenant = parse(settings.rate_limit_per_tenant)
-
-    @property
-    def per_key(self) -> RateLimitItem:
-        return self._per_key
-
-    @per_key.setter
-    def per_key(self, item: RateLimitItem) -> None:
-        self._per_key, self._key_cells = item, CellRate(item)
-
-    @property
-    def per_tenant(self) -> RateLimitItem:
-        return self._per_tenant
-
-    @per_tenant.setter
-    def per_tenant(self, item: RateLimitItem) -> None:
-        self._per_tenant, self._tenant_cells = item, CellRate(item)
+            storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
+            self.redis = MovingWindowRateLimiter(storage)
+        self.per_key = CellRate(parse(settings.rate_limit_per_key))
+        self.per_tenant = CellRate(parse(settings.rate_limit_per_tenant))
 
     async def check(self, *, key_id: Hashable, tenant_id: Hashable) -> int | None:
         """None when the call may go; otherwise the seconds to wait."""
         if self.redis is not None:
             return await self._check_shared(key_id=key_id, tenant_id=tenant_id)
         now = time.monotonic()
-        wait = self._key_cells.allow(key_id, now)
+        wait = self.per_key.allow(key_id, now)
         if wait is None:
-            wait = self._tenant_cells.allow(tenant_id, now)
+            wait = self.per_tenant.allow(tenant_id, now)
         return None if wait is None else max(1, math.ceil(wait))
 
     async def _check_shared(self, *, key_id: Hashable, tenant_id: Hashable) -> int | None:
         assert self.redis is not None
-        for item, kind, identity in ((self._per_key, "key", str(key_id)), (self._per_tenant, "tenant", str(tenant_id))):
+        for item, kind, identity in ((self.per_key.item, "key", str(key_id)), (self.per_tenant.item, "tenant", str(tenant_id))):
             if not await self.redis.hit(item, kind, identity):
                 stats = await self.redis.get_window_stats(item, kind, identity)
                 return max(1, math.ceil(stats.reset_time - time.time()))
         return None
 
     async def close(self) -> None:
-        self._key_cells.tat.clear()
-        self._tenant_cells.tat.clear()
+        self.per_key.tat.clear()
+        self.per_tenant.tat.clear()

@@ -22,7 +22,7 @@ import aiohttp
 from app import scopes
 from app.endpoints import Endpoint
 from app.errors import BAA_REQUIRED_MESSAGE, AppError
-from app.metrics import UPSTREAM_SECONDS, UPSTREAM_STATUS
+from app.metrics import UPSTREAM_SECONDS, UPSTREAM_STATUS, child
 from app.models import Connection, Tenant
 from app.refresh import Refresher, Snapshot
 from app.retry_after import retry_after_seconds
@@ -132,23 +132,9 @@ class Upstream:
         self.http = http
         self.refresher = refresher
         self.base = settings.salesmsg_api_base
-        self._seconds_by_method: dict[str, Any] = {}  # metric children, looked up once
-        self._status_counts: dict[int, Any] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
         )
-
-    def _seconds(self, method: str) -> Any:
-        child = self._seconds_by_method.get(method)
-        if child is None:
-            child = self._seconds_by_method[method] = UPSTREAM_SECONDS.labels(method)
-        return child
-
-    def _status(self, status: int) -> Any:
-        child = self._status_counts.get(status)
-        if child is None:
-            child = self._status_counts[status] = UPSTREAM_STATUS.labels(str(status))
-        return child
 
     def _backoff(self, attempt: int) -> float:
         base = self.settings.proxy_retry_base_seconds * 2 ** (attempt - 1)
@@ -186,14 +172,14 @@ class Upstream:
                     status, upstream_headers = resp.status, resp.headers
                 reached = True
             except asyncio.TimeoutError:
-                self._seconds(method).observe(time.perf_counter() - started)
+                child(UPSTREAM_SECONDS, method).observe(time.perf_counter() - started)
                 if attempt < retries:
                     attempt += 1
                     await asyncio.sleep(self._backoff(attempt))
                     continue
                 return Answer(504, list(_JSON), error_json("upstream_timeout", "Salesmsg did not answer in time."), True)
             except aiohttp.ClientError as exc:
-                self._seconds(method).observe(time.perf_counter() - started)
+                child(UPSTREAM_SECONDS, method).observe(time.perf_counter() - started)
                 if attempt < retries:
                     attempt += 1
                     await asyncio.sleep(self._backoff(attempt))
@@ -201,8 +187,8 @@ class Upstream:
                 never_sent = isinstance(exc, aiohttp.ClientConnectorError)
                 body_ = error_json("upstream_unavailable", "Salesmsg could not be reached.")
                 return Answer(502, list(_JSON), body_, reached or not never_sent)
-            self._seconds(method).observe(time.perf_counter() - started)
-            self._status(status).inc()
+            child(UPSTREAM_SECONDS, method).observe(time.perf_counter() - started)
+            child(UPSTREAM_STATUS, str(status)).inc()
             if status == 401 and not forced and access.conn_id is not None:
                 forced = True  # Salesmsg refused a token we believed valid: refresh once, retry once
                 token = await self.refresher.force_refresh(access.conn_id, seen_version=token.version)

@@ -145,6 +145,7 @@ def test_settings_are_not_built_at_import_time(monkeypatch):
 
 def test_only_an_unavailable_database_is_a_503_not_a_bad_query_that_names_a_connection():
     from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from app.errors import is_database_unavailable
 
@@ -162,6 +163,7 @@ def test_only_an_unavailable_database_is_a_503_not_a_bad_query_that_names_a_conn
     assert is_database_unavailable(dbapi(InterfaceError, "connection is closed"))
     assert is_database_unavailable(dbapi(OperationalError, "database is locked"))
     assert is_database_unavailable(ConnectionRefusedError())
+    assert is_database_unavailable(PoolTimeout("QueuePool limit of size 10 overflow 10 reached"))
     dup = 'duplicate key value violates unique constraint "uq_connections_tenant_id"'
     assert not is_database_unavailable(dbapi(IntegrityError, dup, "23505"))
     assert not is_database_unavailable(dbapi(IntegrityError, "connection_id may not be null"))

@@ -312,8 +312,10 @@ async def test_phi_calls_are_refused_not_served_unaudited_when_the_audit_queue_i
 async def test_rate_limits_answer_429_with_retry_after(runtime, two_tenants, client_for):
     from limits import parse
 
+    from app.rate_limits import CellRate
+
     key = await make_api_key(runtime, tenants=["tenant-a"])
-    runtime.rate_limits.per_key = parse("3/minute")
+    runtime.rate_limits.per_key = CellRate(parse("3/minute"))
     codes = [(await client_for.get("/api/v1/tenants/tenant-a/proxy/teams", headers=auth(key))) for _ in range(4)]
     assert [r.status_code for r in codes[:3]] == [200, 200, 200]
     assert codes[3].status_code == 429 and int(codes[3].headers["retry-after"]) >= 1

@@ -13,26 +13,12 @@ from sqlalchemy import func, select, update
 from app import connections, keys, tenants
 from app.audit import Actor
 from app.models import Connection
-from tests.support.journeys import CLIENT_ID, CLIENT_SECRET, connected_tenant, make_api_key
-from tests.support.processes import Served, clean_env
+from tests.reliability.support import serve_env
+from tests.support.journeys import connected_tenant, make_api_key
+from tests.support.processes import Served
 from tests.support.tcp_proxy import free_port
 
 pytestmark = pytest.mark.usefixtures("requires_postgres")
-
-
-def _env(connected_settings, **extra: str) -> dict[str, str]:
-    return clean_env(
-        SMC_DATABASE_URL=connected_settings.database_url,
-        SMC_SALESMSG_API_BASE=connected_settings.salesmsg_api_base,
-        SMC_SALESMSG_AUTHORIZE_URL=connected_settings.salesmsg_authorize_url,
-        SMC_SALESMSG_CLIENT_ID=CLIENT_ID,
-        SMC_SALESMSG_CLIENT_SECRET=CLIENT_SECRET,
-        SMC_PUBLIC_URL=connected_settings.public_url,
-        SMC_LOG_FORMAT="json",
-        SMC_RATE_LIMIT_PER_KEY="100000/minute",
-        SMC_RATE_LIMIT_PER_TENANT="100000/minute",
-        **extra,
-    )
 
 
 async def test_100_callers_across_4_processes_refresh_an_expired_token_once(
@@ -47,7 +33,7 @@ async def test_100_callers_across_4_processes_refresh_an_expired_token_once(
     upstream.controls.expire_tokens(org_id=3)
     upstream.controls.slow_token(300)  # widen the window in which the others must wait
     upstream.controls.reset_counters()
-    env = _env(connected_settings)
+    env = serve_env(connected_settings)
     ports = [free_port() for _ in range(4)]
     servers = [Served("serve", "--port", str(p), env=env, log_path=tmp_path / f"serve-{p}.log") for p in ports]
     try:
@@ -95,7 +81,7 @@ async def _make_pat_connections(runtime, upstream, count: int) -> None:
 async def test_two_workers_sweeping_500_due_connections_refresh_each_once(runtime, connected_settings, upstream, tmp_path):
     await _make_pat_connections(runtime, upstream, 500)
     upstream.controls.reset_counters()
-    env = _env(connected_settings, SMC_WORKER_INTERVAL_SECONDS="0.2", SMC_WORKER_BATCH_SIZE="40", SMC_WORKER_CONCURRENCY="8")
+    env = serve_env(connected_settings, SMC_WORKER_INTERVAL_SECONDS="0.2", SMC_WORKER_BATCH_SIZE="40", SMC_WORKER_CONCURRENCY="8")
     workers = [Served("worker", env=env, log_path=tmp_path / f"worker-{i}.log") for i in range(2)]
     try:
         deadline = time.monotonic() + 90
