@@ -8,6 +8,7 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
 COPY app ./app
+COPY salesmsg_emulator ./salesmsg_emulator
 RUN /opt/venv/bin/pip install -c constraints.txt .
 
 FROM python:3.11-slim AS runtime

@@ -10,16 +10,16 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.errors import _unexpected, install_error_handlers
 from app.api import routes as api_routes
-from app.health import router as health_router
-from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
-from app.logs import configure_logging, get_logger
-from app.middleware import RequestContextMiddleware
-from app.paths import STATIC_DIR
+from app.api.health import router as health_router
+from app.core.errors import _unexpected, install_error_handlers
+from app.core.logs import configure_logging, get_logger
+from app.core.middleware import RequestContextMiddleware
+from app.core.paths import STATIC_DIR
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
-from app.templating import create_templates
+from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
+from app.web.templating import create_templates
 
 log = get_logger(__name__)
 

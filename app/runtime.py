@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from app.db import Database, create_engine
-from app.migrate import head_revision
-from app.audit_writer import AuditWriter
-from app.idempotency import Idempotency
-from app.proxy import Proxy
-from app.rate_limits import RateLimits
-from app.refresh import Refresher
-from app.upstream import Upstream
-from app.usage import UsageRecorder
-from app.settings import Settings
-from app.vault import DataKeyCache, Keyring
+from app.audit.writer import AuditWriter
+from app.connections.refresh import Refresher
+from app.core.db import Database, create_engine
+from app.core.migrate import head_revision
+from app.core.settings import Settings
+from app.identity.key_usage import UsageRecorder
+from app.proxy.handler import Proxy
+from app.proxy.idempotency import Idempotency
+from app.proxy.rate_limits import RateLimits
+from app.proxy.upstream import Upstream
+from app.vault.envelope import DataKeyCache, Keyring
 
 if TYPE_CHECKING:
     from app.worker import Worker
@@ -95,7 +95,7 @@ class Runtime:
         return runtime
 
     def new_worker(self) -> "Worker":
-        from app.webhooks import WebhookSender
+        from app.connections.webhooks import WebhookSender
         from app.worker import Worker
 
         sender = WebhookSender(db=self.db, http=self.http, settings=self.settings, data_keys=self.data_keys)

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete
 
-from app.logs import get_logger
-from app.models import IdempotencyRecord, LoginAttempt, OAuthState, WebSession
-from app.refresh import Refresher, refresh_due
-from app.webhooks import WebhookSender
+from app.connections.refresh import Refresher, refresh_due
+from app.connections.webhooks import WebhookSender
+from app.core.logs import get_logger
+from app.core.models import IdempotencyRecord, LoginAttempt, OAuthState, WebSession
 
 log = get_logger(__name__)
 

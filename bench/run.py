@@ -376,7 +376,7 @@ def profile_proxy(world: World, wrk: Wrk, cfg: Config, results: dict, out_dir: P
 
 
 def vault(results: dict) -> None:
-    from app.vault import DataKeyCache, Keyring, new_data_key_material
+    from app.vault.envelope import DataKeyCache, Keyring, new_data_key_material
 
     keyring = Keyring([("bench", os.urandom(32))])
     tenant_id, key_id, owner = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -507,7 +507,7 @@ def _page_latencies(client: httpx.Client, requests: list[str]) -> list[float]:
 
 
 def scale(world: World, wrk: Wrk, cfg: Config, results: dict) -> None:
-    from app.tenants import encode_cursor
+    from app.tenants.registry import encode_cursor
 
     entry: dict = {"tenants": cfg.tenants}
     results["scale"] = entry
@@ -824,7 +824,7 @@ def main() -> int:
                    "app_tree": str(cfg.app_tree) if cfg.app_tree else "this checkout"},
         "app_run_as": ("salesmsg-connect serve --workers N (uvicorn, uvloop, httptools) on PostgreSQL, SMC_ENV=development, "
                        "SMC_LOG_LEVEL=WARNING, SMC_RATE_LIMIT_PER_KEY/_PER_TENANT=1000000/minute, in-memory rate limits; "
-                       "emulator: python -m app.emulator --config (rate_limit_per_minute 0, controls on)"),
+                       "emulator: python -m salesmsg_emulator --config (rate_limit_per_minute 0, controls on)"),
     }
     registry = Registry()
     tmp = Path(tempfile.mkdtemp(prefix="smc-bench-"))

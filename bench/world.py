@@ -137,7 +137,7 @@ class World:
         path.write_text(json.dumps(config))
         log(f"starting the emulator on :{self.emulator_port} ({len(self.pats)} PATs in its config)")
         self.emulator = self.registry.start(
-            "emulator", [sys.executable, "-m", "app.emulator", "--port", str(self.emulator_port), "--config", str(path)],
+            "emulator", [sys.executable, "-m", "salesmsg_emulator", "--port", str(self.emulator_port), "--config", str(path)],
             env=self.app_env(), cwd=self.tmp, log_dir=self.tmp,
         )
         self.emulator.wait_http(self.emulator_url + "/_emulator/health", timeout=90)
@@ -160,7 +160,7 @@ class World:
             await conn.close()
 
     def create_database(self) -> None:
-        from app.migrate import upgrade
+        from app.core.migrate import upgrade
 
         try:
             asyncio.run(self._admin(f'CREATE DATABASE "{self.db_name}"'))
@@ -218,11 +218,12 @@ class World:
     # -- the hot tenant, connected through the real OAuth flow --------------------------------------
 
     async def _operator_and_tenant(self) -> None:
-        from app import people, tenants
-        from app.audit import Actor
-        from app.db import Database, create_engine
-        from app.settings import Settings
-        from app.vault import Keyring
+        from app.audit.audit_log import Actor
+        from app.core.db import Database, create_engine
+        from app.core.settings import Settings
+        from app.identity import people
+        from app.tenants import registry
+        from app.vault.envelope import Keyring
 
         settings = Settings(database_url=self.database_url, master_keys=self.master_keys, session_secret=self.session_secret)
         db = Database(create_engine(settings))
@@ -230,7 +231,7 @@ class World:
             async with db.session() as session:
                 await people.create_user(session, email=OPERATOR, password=PASSWORD, role="operator", actor=Actor.system())
             async with db.session() as session:
-                await tenants.create_tenant(session, keyring=Keyring(settings.keyring_entries), slug=HOT_SLUG,
+                await registry.create_tenant(session, keyring=Keyring(settings.keyring_entries), slug=HOT_SLUG,
                                             name="Bench Hot", hipaa=False, actor=Actor.system())
         finally:
             await db.dispose()
@@ -272,7 +273,7 @@ class World:
 
     async def _access_token(self, slug: str) -> str:
         """The tenant's access token, opened with the vault (for the direct, nginx and bare targets)."""
-        from app.vault import DataKeyCache, Keyring
+        from app.vault.envelope import DataKeyCache, Keyring
 
         rows = await self.sql(
             "select c.id, c.access_token_ct, t.id as tenant_id, k.id as key_id, k.master_key_id, k.wrapped_key "
@@ -298,9 +299,9 @@ class World:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        from app import api_keys
-        from app.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
-        from app.vault import DataKey, Keyring, new_data_key_material
+        from app.core.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
+        from app.identity import api_keys
+        from app.vault.envelope import DataKey, Keyring, new_data_key_material
 
         keyring = Keyring([("bench1", self.master_key)])
         now = datetime.now(UTC)

@@ -9,8 +9,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.models import Base
-from app.settings import Settings
+from app.core.models import Base
+from app.core.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

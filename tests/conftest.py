@@ -15,9 +15,14 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
-from tests.support.databases import PostgresTestDatabase, SqliteTestDatabase, run_in_thread, test_server_url
+from tests.support.databases import (
+    PostgresTestDatabase,
+    SqliteTestDatabase,
+    run_in_thread,
+    test_server_url,
+)
 
 
 @pytest.fixture(scope="session")
@@ -84,10 +89,10 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="session")
 def emulator():
     """One emulator per test run, on a loopback port; tests reset it to its seed (``upstream``)."""
-    from app.emulator.server import EmulatorServer
+    from tests.support.emulator_controls import ControlledEmulator
     from tests.support.journeys import emulator_config
 
-    with EmulatorServer(emulator_config()) as server:
+    with ControlledEmulator(emulator_config()) as server:
         yield server
 
 

@@ -10,12 +10,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app import api_keys
-from app.audit import ACTOR_API_KEY, Actor
+from app.audit.audit_log import ACTOR_API_KEY, Actor
+from app.core.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from app.core.models import ApiKey, Tenant
 from app.deps import RuntimeDep, SessionDep
-from app.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from app.models import ApiKey, Tenant
-from app.tenants import get_tenant
+from app.identity import api_keys
+from app.tenants.registry import get_tenant
 
 _KEY_IN_QUERY = re.compile(r"^(api_key|apikey|key|access_token|token)$", re.IGNORECASE)
 

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 
-from app import audit, baa, connect, connections, events, tenants, webhooks
 from app.api.auth import CallerDep, OperatorDep, WriterDep, tenant_of
 from app.api.schemas import (
     ERRORS,
@@ -29,9 +28,12 @@ from app.api.schemas import (
     TenantUpdate,
     TenantUpdated,
 )
+from app.audit import audit_log
+from app.connections import authorize, events, store, webhooks
+from app.core.errors import NotFound, ValidationFailed
+from app.core.models import ConnectionEvent
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.errors import NotFound, ValidationFailed
-from app.models import ConnectionEvent
+from app.tenants import baa, registry
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
 TenantRef = Annotated[str, "tenant id or slug"]
@@ -46,7 +48,7 @@ async def list_tenants(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> TenantPageOut:
-    page = await tenants.list_tenants(session, search=search, cursor=cursor, limit=limit, tenant_ids=caller.tenant_ids, status=status)
+    page = await registry.list_tenants(session, search=search, cursor=cursor, limit=limit, tenant_ids=caller.tenant_ids, status=status)
     return TenantPageOut(data=[TenantOut.of(r.tenant, r.connection) for r in page.rows], next_cursor=page.next_cursor)
 
 
@@ -54,7 +56,7 @@ async def list_tenants(
 async def create_tenant(
     body: TenantCreate, session: SessionDep, runtime: RuntimeDep, caller: OperatorDep, request_id: RequestIdDep
 ) -> TenantOut:
-    tenant = await tenants.create_tenant(
+    tenant = await registry.create_tenant(
         session, keyring=runtime.keyring, slug=body.slug, name=body.name, hipaa=body.hipaa,
         actor=caller.actor, request_id=request_id,
     )
@@ -64,7 +66,7 @@ async def create_tenant(
 @router.get("/tenants/{tenant}", response_model=TenantOut, tags=["tenants"], summary="Get a tenant by id or slug")
 async def get_tenant(tenant: TenantRef, session: SessionDep, caller: CallerDep) -> TenantOut:
     row = await tenant_of(session, caller, tenant)
-    return TenantOut.of(row, await connections.get_connection(session, row.id))
+    return TenantOut.of(row, await store.get_connection(session, row.id))
 
 
 @router.patch("/tenants/{tenant}", response_model=TenantUpdated, tags=["tenants"],
@@ -75,11 +77,11 @@ async def update_tenant(
     row = await tenant_of(session, caller, tenant, for_update=True)
     secret = None
     if body.name is not None:
-        await tenants.rename(session, row, name=body.name, actor=caller.actor, request_id=request_id)
+        await registry.rename(session, row, name=body.name, actor=caller.actor, request_id=request_id)
     if body.webhook_url is not None:
         secret = await webhooks.set_webhook(session, runtime.data_keys, row, url=body.webhook_url or None,
                                             actor=caller.actor, request_id=request_id)
-    out = TenantOut.of(row, await connections.get_connection(session, row.id))
+    out = TenantOut.of(row, await store.get_connection(session, row.id))
     return TenantUpdated(**out.model_dump(), webhook_secret=secret)
 
 
@@ -87,7 +89,7 @@ async def update_tenant(
                summary="Delete a tenant; its data key is shredded with it (operator key)")
 async def delete_tenant(tenant: TenantRef, session: SessionDep, caller: OperatorDep, request_id: RequestIdDep) -> Response:
     row = await tenant_of(session, caller, tenant, for_update=True)
-    await tenants.delete_tenant(session, row, actor=caller.actor, request_id=request_id)
+    await registry.delete_tenant(session, row, actor=caller.actor, request_id=request_id)
     return Response(status_code=204)
 
 
@@ -96,8 +98,8 @@ async def set_hipaa(
     tenant: TenantRef, body: HipaaIn, session: SessionDep, caller: OperatorDep, request_id: RequestIdDep
 ) -> TenantOut:
     row = await tenant_of(session, caller, tenant, for_update=True)
-    await tenants.set_hipaa(session, row, hipaa=body.hipaa, actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await connections.get_connection(session, row.id))
+    await registry.set_hipaa(session, row, hipaa=body.hipaa, actor=caller.actor, request_id=request_id)
+    return TenantOut.of(row, await store.get_connection(session, row.id))
 
 
 @router.post("/tenants/{tenant}/baa", response_model=TenantOut, tags=["hipaa"], summary="Record the BAA as signed (operator key)")
@@ -107,7 +109,7 @@ async def sign_baa(
     row = await tenant_of(session, caller, tenant, for_update=True)
     await baa.sign(session, row, reference=body.reference, note=body.note, signed_by=f"api key {caller.key.name}",
                    actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await connections.get_connection(session, row.id))
+    return TenantOut.of(row, await store.get_connection(session, row.id))
 
 
 @router.post("/tenants/{tenant}/baa/revoke", response_model=TenantOut, tags=["hipaa"],
@@ -117,25 +119,25 @@ async def revoke_baa(
 ) -> TenantOut:
     row = await tenant_of(session, caller, tenant, for_update=True)
     await baa.revoke(session, row, reason=body.reason, actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await connections.get_connection(session, row.id))
+    return TenantOut.of(row, await store.get_connection(session, row.id))
 
 
 @router.get("/tenants/{tenant}/connection", response_model=ConnectionOut, tags=["connections"],
             summary="Connection status, granted scopes, expiry, last refresh")
 async def get_connection(tenant: TenantRef, session: SessionDep, caller: CallerDep) -> ConnectionOut:
     row = await tenant_of(session, caller, tenant)
-    return ConnectionOut.of(await connections.require_connection(session, row.id), row)
+    return ConnectionOut.of(await store.require_connection(session, row.id), row)
 
 
 @router.post("/tenants/{tenant}/connection/refresh", response_model=ConnectionOut, tags=["connections"],
              summary="Refresh the token now (once, even with many callers)")
 async def force_refresh(tenant: TenantRef, session: SessionDep, runtime: RuntimeDep, caller: WriterDep) -> ConnectionOut:
     row = await tenant_of(session, caller, tenant)
-    conn = await connections.require_connection(session, row.id)
-    if conn.status != connections.ACTIVE:
-        from app.refresh import ConnectionNeedsReauth, NotConnected
+    conn = await store.require_connection(session, row.id)
+    if conn.status != store.ACTIVE:
+        from app.connections.refresh import ConnectionNeedsReauth, NotConnected
 
-        raise ConnectionNeedsReauth() if conn.status == connections.NEEDS_REAUTH else NotConnected()
+        raise ConnectionNeedsReauth() if conn.status == store.NEEDS_REAUTH else NotConnected()
     await runtime.refresher.force_refresh(conn.id, seen_version=conn.version)
     await session.refresh(conn)
     return ConnectionOut.of(conn, row)
@@ -145,7 +147,7 @@ async def force_refresh(tenant: TenantRef, session: SessionDep, runtime: Runtime
                summary="Disconnect: the tokens are destroyed")
 async def disconnect(tenant: TenantRef, session: SessionDep, caller: WriterDep, request_id: RequestIdDep) -> ConnectionOut:
     row = await tenant_of(session, caller, tenant)
-    conn = await connections.disconnect(session, tenant=row, actor=caller.actor, request_id=request_id)
+    conn = await store.disconnect(session, tenant=row, actor=caller.actor, request_id=request_id)
     return ConnectionOut.of(conn, row)
 
 
@@ -155,7 +157,7 @@ async def create_connect_link(
     tenant: TenantRef, session: SessionDep, runtime: RuntimeDep, caller: WriterDep, request_id: RequestIdDep
 ) -> ConnectLinkOut:
     row = await tenant_of(session, caller, tenant)
-    link, token = await connect.create_connect_link(
+    link, token = await authorize.create_connect_link(
         session, tenant=row, hours=runtime.settings.connect_link_hours, actor=caller.actor, request_id=request_id
     )
     return ConnectLinkOut(url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at)
@@ -216,7 +218,7 @@ async def export_audit(
     async def lines() -> AsyncIterator[bytes]:
         # Its own read-only session: the request's unit of work ends before the body streams.
         async with runtime.db.sessionmaker() as reader:
-            async for row in audit.export_rows(reader, tenant_id=tenant_id, since=since, until=until):
+            async for row in audit_log.export_rows(reader, tenant_id=tenant_id, since=since, until=until):
                 yield json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

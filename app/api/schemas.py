@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app import scopes
-from app.models import Connection, ConnectionEvent, Tenant
+from app.connections import scopes
+from app.core.models import Connection, ConnectionEvent, Tenant
 
 Slug = Annotated[str, StringConstraints(min_length=2, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
-from app import people, web_sessions
+from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.errors import AppError
+from app.identity import people, sessions
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, safe_next
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
@@ -55,17 +55,17 @@ async def login(
     except AppError as exc:
         return render(request, viewer, "login.html", status_code=exc.status_code, error=exc.message,
                       email=email[:320], next=safe_next(next, ""))
-    token, _ = await web_sessions.start(session, runtime.settings, user=user, replaces=viewer.token)
+    token, _ = await sessions.start(session, runtime.settings, user=user, replaces=viewer.token)
     response = redirect(safe_next(next))
-    web_sessions.set_session_cookie(response, runtime.settings, token)
+    sessions.set_session_cookie(response, runtime.settings, token)
     return response
 
 
 @router.post("/logout")
 async def logout(session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
-    await web_sessions.end(session, viewer.token)
+    await sessions.end(session, viewer.token)
     response = redirect("/login")
-    web_sessions.clear_session_cookie(response, runtime.settings)
+    sessions.clear_session_cookie(response, runtime.settings)
     return response
 
 
@@ -98,7 +98,7 @@ async def accept_invitation(
             raise
         return render(request, viewer, "invite.html", status_code=422, email=invitation.email, token=token,
                       error=exc.message, name=name)
-    session_token, _ = await web_sessions.start(session, runtime.settings, user=user, replaces=viewer.token)
+    session_token, _ = await sessions.start(session, runtime.settings, user=user, replaces=viewer.token)
     response = redirect("/org")
-    web_sessions.set_session_cookie(response, runtime.settings, session_token)
+    sessions.set_session_cookie(response, runtime.settings, session_token)
     return response

@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
-from app import connect, connections, scopes, web_sessions
+from app.connections import authorize, scopes, store
+from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.errors import AppError
+from app.identity import sessions
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, tenant_for
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
@@ -20,12 +21,12 @@ async def open_connect_link(
     token: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
 ) -> Response:
     """Spend the link once and turn it into a browser session bound to its tenant."""
-    tenant = await connect.redeem_connect_link(session, token, request_id=request_id)
+    tenant = await authorize.redeem_connect_link(session, token, request_id=request_id)
     if viewer.signed_in and viewer.can_manage(tenant):
         return redirect(f"/t/{tenant.slug}/connect")
-    session_token, _ = await web_sessions.start(session, runtime.settings, link_tenant_id=tenant.id, replaces=viewer.token)
+    session_token, _ = await sessions.start(session, runtime.settings, link_tenant_id=tenant.id, replaces=viewer.token)
     response = redirect(f"/t/{tenant.slug}/connect")
-    web_sessions.set_session_cookie(response, runtime.settings, session_token)
+    sessions.set_session_cookie(response, runtime.settings, session_token)
     return response
 
 
@@ -47,7 +48,7 @@ def _consent_context(tenant, runtime, selected: list[str] | None = None) -> dict
 @router.get("/t/{slug}/connect")
 async def consent_page(request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
     tenant = await tenant_for(session, viewer, slug, connect=True)
-    conn = await connections.get_connection(session, tenant.id)
+    conn = await store.get_connection(session, tenant.id)
     return render(request, viewer, "consent.html", connection=conn, **_consent_context(tenant, runtime))
 
 
@@ -60,12 +61,12 @@ async def consent_submit(
     form = await request.form()
     requested = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
     try:
-        url = await connect.start_authorization(
+        url = await authorize.start_authorization(
             session, runtime, tenant=tenant, web_session=viewer.web_session, requested=requested,
             actor=viewer.actor(), request_id=request_id,
         )
     except AppError as exc:
-        conn = await connections.get_connection(session, tenant.id)
+        conn = await store.get_connection(session, tenant.id)
         return render(
             request, viewer, "consent.html", status_code=exc.status_code, error=exc.message, error_code=exc.code,
             connection=conn, **_consent_context(tenant, runtime, [s for s in requested if s in scopes.ALL_SCOPES]),
@@ -76,7 +77,7 @@ async def consent_submit(
 @router.get("/oauth/callback")
 async def oauth_callback(request: Request, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
     params = {k: v for k, v in request.query_params.items() if k in ("state", "code", "error", "error_description")}
-    result = await connect.complete_authorization(
+    result = await authorize.complete_authorization(
         session, runtime, web_session=viewer.web_session, params=params, actor=viewer.actor(), request_id=request_id,
     )
     return redirect(f"/t/{result.tenant.slug}/connected")
@@ -85,7 +86,7 @@ async def oauth_callback(request: Request, session: SessionDep, runtime: Runtime
 @router.get("/t/{slug}/connected")
 async def connected_page(request: Request, slug: str, session: SessionDep, viewer: ViewerDep) -> Response:
     tenant = await tenant_for(session, viewer, slug, connect=True)
-    conn = await connections.get_connection(session, tenant.id)
+    conn = await store.get_connection(session, tenant.id)
     return render(request, viewer, "connected.html", tenant=tenant, connection=conn,
                   granted=scopes.parse(conn.scopes) if conn else [])
 
@@ -104,10 +105,10 @@ async def connect_pat(
     form = await request.form()
     granted = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
     try:
-        await connect.connect_with_pat(session, runtime, tenant=tenant, token=token, granted=granted,
+        await authorize.connect_with_pat(session, runtime, tenant=tenant, token=token, granted=granted,
                                        actor=viewer.actor(), request_id=request_id)
     except AppError as exc:
-        conn = await connections.get_connection(session, tenant.id)
+        conn = await store.get_connection(session, tenant.id)
         return render(request, viewer, "consent.html", status_code=exc.status_code, pat_error=exc.message,
                       connection=conn, **_consent_context(tenant, runtime))
     return redirect(f"/t/{tenant.slug}/connected")
@@ -116,5 +117,5 @@ async def connect_pat(
 @router.post("/t/{slug}/disconnect")
 async def disconnect(slug: str, session: SessionDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
     tenant = await tenant_for(session, viewer, slug)
-    await connections.disconnect(session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
+    await store.disconnect(session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
     return redirect(f"/t/{tenant.slug}?notice=disconnected")

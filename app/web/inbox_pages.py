@@ -11,11 +11,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
 
-from app import scopes
-from app.connections import get_connection
+from app.connections import scopes
+from app.connections.store import get_connection
+from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.errors import AppError
-from app.inbox import FILTERS, MAX_MESSAGE, PAGE_SIZE, Inbox, new_form_key
+from app.proxy.inbox import FILTERS, MAX_MESSAGE, PAGE_SIZE, Inbox, new_form_key
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, tenant_for
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
@@ -46,9 +46,9 @@ async def _setup(request: Request, session, runtime, viewer, slug: str, request_
 
 async def _locked(inbox: Inbox, target: str) -> None:
     """A PHI view refused for want of a BAA is audited like any other denial."""
-    from app import audit
+    from app.audit import audit_log
 
-    await audit.record(inbox.session, "dashboard.phi_access", inbox.actor, outcome="denied", tenant_id=inbox.tenant.id,
+    await audit_log.record(inbox.session, "dashboard.phi_access", inbox.actor, outcome="denied", tenant_id=inbox.tenant.id,
                        target=target, request_id=inbox.request_id or None, details={"decision": "baa_required"})
 
 

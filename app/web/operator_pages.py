@@ -9,11 +9,23 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from app import api_keys, audit, baa, connect, connections, events, people, scopes, tenants
+from app.audit import audit_log
+from app.connections import authorize, events, scopes, store
+from app.core.errors import AppError, ValidationFailed
+from app.core.models import AuditEntry, Tenant
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.errors import AppError, ValidationFailed
-from app.models import AuditEntry, Tenant
-from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_operator, require_user, safe_next, tenant_for
+from app.identity import api_keys, people
+from app.tenants import baa, registry
+from app.web.viewer import (
+    ViewerDep,
+    csrf_protect,
+    redirect,
+    render,
+    require_operator,
+    require_user,
+    safe_next,
+    tenant_for,
+)
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
 
@@ -52,8 +64,8 @@ async def tenants_page(
 ) -> Response:
     require_operator(viewer)
     q, status, cursor = q or None, status or None, cursor or None
-    page = await tenants.list_tenants(session, search=q, cursor=cursor, limit=25, status=status)
-    total = await tenants.count_tenants(session, search=q, status=status)
+    page = await registry.list_tenants(session, search=q, cursor=cursor, limit=25, status=status)
+    total = await registry.count_tenants(session, search=q, status=status)
     return render(request, viewer, "tenants.html", page=page, q=q or "", status=status or "", total=total,
                   notice=NOTICES.get(request.query_params.get("notice", "")))
 
@@ -71,20 +83,20 @@ async def create_tenant(
 ) -> Response:
     require_operator(viewer)
     try:
-        tenant = await tenants.create_tenant(
+        tenant = await registry.create_tenant(
             session, keyring=runtime.keyring, slug=slug, name=name, hipaa=hipaa != "off",
             actor=viewer.actor(), request_id=request_id,
         )
     except AppError as exc:
-        page = await tenants.list_tenants(session, limit=25)
-        total = await tenants.count_tenants(session)
+        page = await registry.list_tenants(session, limit=25)
+        total = await registry.count_tenants(session)
         return render(request, viewer, "tenants.html", status_code=exc.status_code, page=page, q="", status="",
                       total=total, create_error=exc.message, form={"slug": slug, "name": name, "hipaa": hipaa})
     return redirect(f"/t/{tenant.slug}?notice=created")
 
 
 async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict:
-    conn = await connections.get_connection(session, tenant.id)
+    conn = await store.get_connection(session, tenant.id)
     granted = scopes.parse(conn.scopes) if conn else []
     context = {
         "tenant": tenant,
@@ -171,7 +183,7 @@ async def set_hipaa(
     hipaa: Annotated[str, Form(pattern="^(on|off)$")] = "on",
 ) -> Response:
     tenant = await _operator_tenant(session, viewer, slug)
-    await tenants.set_hipaa(session, tenant, hipaa=hipaa == "on", actor=viewer.actor(), request_id=request_id)
+    await registry.set_hipaa(session, tenant, hipaa=hipaa == "on", actor=viewer.actor(), request_id=request_id)
     return redirect(f"/t/{tenant.slug}?notice=hipaa_{hipaa}")
 
 
@@ -180,7 +192,7 @@ async def create_connect_link(
     request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
 ) -> Response:
     tenant = await _operator_tenant(session, viewer, slug)
-    link, token = await connect.create_connect_link(
+    link, token = await authorize.create_connect_link(
         session, tenant=tenant, hours=runtime.settings.connect_link_hours, actor=viewer.actor(), request_id=request_id
     )
     return render(request, viewer, "shown_once.html", tenant=tenant, title="Connect link",
@@ -227,7 +239,7 @@ async def audit_page(
     tenant_row = None
     if tenant:
         try:
-            tenant_row = await tenants.get_tenant(session, tenant)
+            tenant_row = await registry.get_tenant(session, tenant)
         except AppError:
             tenant_row = None
         query = query.where(AuditEntry.tenant_id == (tenant_row.id if tenant_row else None))
@@ -241,7 +253,7 @@ async def audit_page(
     slugs = {t.id: t.slug for t in (await session.scalars(select(Tenant).where(Tenant.id.in_({r.tenant_id for r in rows if r.tenant_id})))).all()}
     return render(request, viewer, "audit.html", rows=rows[:50], more=rows[49].id if len(rows) > 50 else None,
                   slugs=slugs, filters={"tenant": tenant or "", "action": action or "", "outcome": outcome or ""},
-                  as_dict=audit.as_dict)
+                  as_dict=audit_log.as_dict)
 
 
 @router.get("/api-keys")

@@ -10,12 +10,12 @@ from urllib.parse import unquote, urlsplit
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from app import web_sessions
-from app.audit import ACTOR_LINK, ACTOR_USER, Actor
+from app.audit.audit_log import ACTOR_LINK, ACTOR_USER, Actor
+from app.core.errors import Forbidden, LoginRequired, NotFound, PayloadTooLarge
+from app.core.models import Tenant, User, WebSession
 from app.deps import RuntimeDep, SessionDep
-from app.errors import Forbidden, LoginRequired, NotFound, PayloadTooLarge
-from app.models import Tenant, User, WebSession
-from app.tenants import get_tenant
+from app.identity import sessions
+from app.tenants.registry import get_tenant
 
 MAX_FORM_BYTES = 256 * 1024
 
@@ -69,14 +69,14 @@ class Viewer:
 
 async def get_viewer(request: Request, session: SessionDep, runtime: RuntimeDep) -> Viewer:
     settings = runtime.settings
-    token = request.cookies.get(web_sessions.session_cookie_name(settings))
-    loaded = await web_sessions.load(session, settings, token)
+    token = request.cookies.get(sessions.session_cookie_name(settings))
+    loaded = await sessions.load(session, settings, token)
     if loaded is not None:
         return Viewer(web_session=loaded[0], user=loaded[1], token=token)
-    existing = request.cookies.get(web_sessions.csrf_cookie_name(settings))
-    if existing and web_sessions.anonymous_csrf_valid(settings, existing, existing):
+    existing = request.cookies.get(sessions.csrf_cookie_name(settings))
+    if existing and sessions.anonymous_csrf_valid(settings, existing, existing):
         return Viewer(None, None, None, anonymous_csrf=existing)
-    return Viewer(None, None, None, anonymous_csrf=web_sessions.new_anonymous_csrf(settings), new_anonymous_csrf=True)
+    return Viewer(None, None, None, anonymous_csrf=sessions.new_anonymous_csrf(settings), new_anonymous_csrf=True)
 
 
 ViewerDep = Annotated[Viewer, Depends(get_viewer)]
@@ -98,10 +98,10 @@ async def csrf_protect(request: Request, viewer: ViewerDep, runtime: RuntimeDep)
     submitted = form.get("csrf_token")
     submitted = submitted if isinstance(submitted, str) else None
     if viewer.web_session is not None:
-        ok = web_sessions.session_csrf_valid(viewer.web_session, submitted)
+        ok = sessions.session_csrf_valid(viewer.web_session, submitted)
     else:
-        cookie = request.cookies.get(web_sessions.csrf_cookie_name(runtime.settings))
-        ok = web_sessions.anonymous_csrf_valid(runtime.settings, cookie, submitted)
+        cookie = request.cookies.get(sessions.csrf_cookie_name(runtime.settings))
+        ok = sessions.anonymous_csrf_valid(runtime.settings, cookie, submitted)
     if not ok:
         raise Forbidden(
             "The form expired or did not come from this site. Reload the page and try again.",
@@ -132,7 +132,7 @@ def render(request: Request, viewer: Viewer, template: str, status_code: int = 2
         request, template, {"viewer": viewer, "csrf_token": viewer.csrf_token, **context}, status_code=status_code
     )
     if viewer.new_anonymous_csrf and viewer.anonymous_csrf:
-        web_sessions.set_csrf_cookie(response, request.app.state.settings, viewer.anonymous_csrf)
+        sessions.set_csrf_cookie(response, request.app.state.settings, viewer.anonymous_csrf)
     response.headers["Cache-Control"] = "no-store"
     return response
 

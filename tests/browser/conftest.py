@@ -23,12 +23,12 @@ import pytest
 import uvicorn
 from playwright.async_api import Browser, async_playwright, expect
 
-from app.emulator.config import EmulatorConfig
-from app.emulator.server import EmulatorServer
+from app.core.settings import Settings
 from app.main import create_app
 from app.runtime import Runtime
-from app.settings import Settings
+from salesmsg_emulator.config import EmulatorConfig
 from tests.browser.pages import OPERATOR_EMAIL, Watch
+from tests.support.emulator_controls import ControlledEmulator
 from tests.support.journeys import CLIENT_ID, CLIENT_SECRET, emulator_config, make_user
 
 CHROMIUM = "/usr/bin/chromium"
@@ -119,14 +119,14 @@ def browser_emulator_config(app_url: str) -> EmulatorConfig:
 class Stack:
     url: str
     settings: Settings
-    emulator: EmulatorServer
+    emulator: ControlledEmulator
 
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Stack]:
     sock = _loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    emulator = await asyncio.to_thread(EmulatorServer(browser_emulator_config(url)).start)
+    emulator = await asyncio.to_thread(ControlledEmulator(browser_emulator_config(url)).start)
     try:
         app_settings = settings.model_copy(update={
             "public_url": url,

@@ -7,8 +7,9 @@ import re
 import pytest
 from sqlalchemy import select, text
 
-from app import connections, keys
-from app.models import Connection, OAuthState
+from app.connections import store
+from app.core.models import Connection, OAuthState
+from app.vault import tenant_keys
 from tests.support.journeys import (
     HIPAA_USER,
     PLAIN_USER,
@@ -31,7 +32,7 @@ async def operator(runtime, browser):
 
 async def _connection(runtime, tenant_id) -> Connection | None:
     async with runtime.db.session() as session:
-        return await connections.get_connection(session, tenant_id)
+        return await store.get_connection(session, tenant_id)
 
 
 async def _raw_rows(runtime) -> str:
@@ -53,9 +54,9 @@ async def test_connect_end_to_end_stores_only_ciphertext(runtime, operator, upst
     assert set(conn.scope_set) == set(BASIC + PHI)
     assert conn.salesmsg_user == "casey@corner-bakery.example"
     async with runtime.db.session() as session:
-        key = await keys.load_data_key(session, runtime.data_keys, tenant.id)
-    access = connections.open_access_token(conn, key)
-    refresh = connections.open_refresh_token(conn, key)
+        key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
+    access = store.open_access_token(conn, key)
+    refresh = store.open_refresh_token(conn, key)
     assert access.count(".") == 2 and refresh
     raw = await _raw_rows(runtime)
     for secret in (access, refresh):
@@ -193,10 +194,10 @@ async def test_ciphertext_copied_into_another_tenants_row_does_not_decrypt(runti
     await operator.connect("tenant-a", BASIC, user_id=PLAIN_USER)
     await operator.connect("tenant-b", BASIC, user_id=PLAIN_USER)
     async with runtime.db.session() as session:
-        conn_a = await connections.get_connection(session, a.id)
-        conn_b = await connections.get_connection(session, b.id)
+        conn_a = await store.get_connection(session, a.id)
+        conn_b = await store.get_connection(session, b.id)
         conn_b.access_token_ct = conn_a.access_token_ct
-    report = await keys.verify_all(runtime.db, runtime.data_keys)
+    report = await tenant_keys.verify_all(runtime.db, runtime.data_keys)
     assert not report.ok
     assert any("tenant-b" in failure for failure in report.failures)
     assert not any("tenant-a" in failure for failure in report.failures)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import scopes
+from app.connections import scopes
 
 
 def test_catalogue_covers_the_documented_table_plus_calls_and_recordings():

@@ -8,11 +8,13 @@ import os
 import pytest
 from sqlalchemy import select, text
 
-from app import audit, baa, keys, tenants
-from app.audit import Actor
-from app.errors import Conflict, ValidationFailed
-from app.models import AuditEntry, Connection, TenantKey
-from app.vault import DataKeyCache, Keyring, VaultError
+from app.audit import audit_log
+from app.audit.audit_log import Actor
+from app.core.errors import Conflict, ValidationFailed
+from app.core.models import AuditEntry, Connection, TenantKey
+from app.tenants import baa, registry
+from app.vault import tenant_keys
+from app.vault.envelope import DataKeyCache, Keyring, VaultError
 from tests.support.processes import clean_env, run_cli
 
 OPERATOR = Actor("user", "op@example.com")
@@ -24,19 +26,19 @@ def ring() -> Keyring:
 
 
 async def test_tenants_default_to_hipaa_and_slugs_are_unique(db_session, ring):
-    tenant = await tenants.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Acme Clinic", actor=OPERATOR)
+    tenant = await registry.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Acme Clinic", actor=OPERATOR)
     assert tenant.hipaa is True and not tenant.phi_allowed
     with pytest.raises(Conflict):
-        await tenants.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Other", actor=OPERATOR)
+        await registry.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Other", actor=OPERATOR)
     for slug in ["A", "-x", "x-", "a--b", "no spaces", "api", "x" * 64, "ünï"]:
         with pytest.raises(ValidationFailed):
-            await tenants.create_tenant(db_session, keyring=ring, slug=slug, name="N", actor=OPERATOR)
-    assert (await tenants.get_tenant(db_session, str(tenant.id))).slug == "acme-clinic"
-    assert (await tenants.get_tenant(db_session, "ACME-CLINIC")).id == tenant.id
+            await registry.create_tenant(db_session, keyring=ring, slug=slug, name="N", actor=OPERATOR)
+    assert (await registry.get_tenant(db_session, str(tenant.id))).slug == "acme-clinic"
+    assert (await registry.get_tenant(db_session, "ACME-CLINIC")).id == tenant.id
 
 
 async def test_baa_sign_and_revoke_are_audited_and_gate_phi(db_session, ring):
-    tenant = await tenants.create_tenant(db_session, keyring=ring, slug="bright", name="Bright Dental", actor=OPERATOR)
+    tenant = await registry.create_tenant(db_session, keyring=ring, slug="bright", name="Bright Dental", actor=OPERATOR)
     with pytest.raises(ValidationFailed):
         await baa.sign(db_session, tenant, reference="  ", signed_by="op", actor=OPERATOR)
     await baa.sign(db_session, tenant, reference="BAA-7", note="countersigned", signed_by="op@example.com", actor=OPERATOR)
@@ -51,8 +53,8 @@ async def test_baa_sign_and_revoke_are_audited_and_gate_phi(db_session, ring):
 
 async def test_audit_chain_verifies_and_finds_an_altered_row(db_session, on_postgres):
     for i in range(5):
-        await audit.record(db_session, "test.event", Actor.system(), target=f"t{i}", details={"n": i})
-    report = await audit.verify_chain(db_session)
+        await audit_log.record(db_session, "test.event", Actor.system(), target=f"t{i}", details={"n": i})
+    report = await audit_log.verify_chain(db_session)
     assert report.ok and report.rows == 5
     third = (await db_session.scalars(select(AuditEntry).order_by(AuditEntry.id).offset(2).limit(1))).one()
     if on_postgres:
@@ -61,27 +63,27 @@ async def test_audit_chain_verifies_and_finds_an_altered_row(db_session, on_post
         await db_session.execute(text("DROP TRIGGER audit_log_no_update"))
     await db_session.execute(text("UPDATE audit_log SET target = 'forged' WHERE id = :id"), {"id": third.id})
     db_session.expunge_all()
-    report = await audit.verify_chain(db_session)
+    report = await audit_log.verify_chain(db_session)
     assert not report.ok and report.broken_at == third.id and "altered" in report.reason
 
 
 async def test_batched_audit_rows_keep_their_order_and_extend_the_chain(db_session):
-    from app.audit import AuditRecord
+    from app.audit.audit_log import AuditRecord
 
-    await audit.record(db_session, "test.before", Actor.system(), target="first")
+    await audit_log.record(db_session, "test.before", Actor.system(), target="first")
     batch = [AuditRecord(action="proxy.phi_access", actor=Actor.system(), target=f"GET /c/{i}", details={"i": i})
              for i in range(300)]
-    assert await audit.append_batch(db_session, batch) == 300
-    await audit.record(db_session, "test.after", Actor.system(), target="last")
+    assert await audit_log.append_batch(db_session, batch) == 300
+    await audit_log.record(db_session, "test.after", Actor.system(), target="last")
     targets = (await db_session.scalars(select(AuditEntry.target).order_by(AuditEntry.id))).all()
     assert targets == ["first", *(f"GET /c/{i}" for i in range(300)), "last"]
-    report = await audit.verify_chain(db_session)
+    report = await audit_log.verify_chain(db_session)
     assert report.ok and report.rows == 302
 
 
 async def test_data_keys_rotate_and_old_master_key_can_go(database_url):
-    from app.db import Database, create_engine
-    from app.settings import Settings
+    from app.core.db import Database, create_engine
+    from app.core.settings import Settings
 
     old = ("old", os.urandom(32))
     new = ("new", os.urandom(32))
@@ -89,33 +91,33 @@ async def test_data_keys_rotate_and_old_master_key_can_go(database_url):
     try:
         old_ring = Keyring([old])
         async with db.session() as session:
-            t = await tenants.create_tenant(session, keyring=old_ring, slug="rot", name="Rot", actor=OPERATOR)
-            key = await keys.load_data_key(session, DataKeyCache(old_ring), t.id)
+            t = await registry.create_tenant(session, keyring=old_ring, slug="rot", name="Rot", actor=OPERATOR)
+            key = await tenant_keys.load_data_key(session, DataKeyCache(old_ring), t.id)
             conn = Connection(tenant_id=t.id, kind="oauth", status="active", scopes="teams:read")
             session.add(conn)
             await session.flush()
             conn.access_token_ct = key.seal("at-1", owner=conn.id, field="access_token")
         rotated_ring = Keyring([new, old])
-        report = await keys.rewrap_all(db, rotated_ring)
+        report = await tenant_keys.rewrap_all(db, rotated_ring)
         assert report.rewrapped == 1
-        assert (await keys.rewrap_all(db, rotated_ring)).already_current == 1
+        assert (await tenant_keys.rewrap_all(db, rotated_ring)).already_current == 1
         only_new = Keyring([new])
-        verify = await keys.verify_all(db, DataKeyCache(only_new))
+        verify = await tenant_keys.verify_all(db, DataKeyCache(only_new))
         assert verify.ok and verify.secrets == 1 and verify.by_master_key == {"new": 1}
-        assert (await keys.verify_all(db, DataKeyCache(Keyring([old])))).ok is False
+        assert (await tenant_keys.verify_all(db, DataKeyCache(Keyring([old])))).ok is False
     finally:
         await db.dispose()
 
 
 async def test_shredding_the_data_key_makes_tokens_unreadable(db_session, ring):
-    t = await tenants.create_tenant(db_session, keyring=ring, slug="shred", name="Shred", actor=OPERATOR)
+    t = await registry.create_tenant(db_session, keyring=ring, slug="shred", name="Shred", actor=OPERATOR)
     cache = DataKeyCache(ring)
-    key = await keys.load_data_key(db_session, cache, t.id)
+    key = await tenant_keys.load_data_key(db_session, cache, t.id)
     blob = key.seal("token", owner="c", field="access_token")
-    assert await keys.shred(db_session, t.id)
+    assert await tenant_keys.shred(db_session, t.id)
     assert await db_session.scalar(select(TenantKey).where(TenantKey.tenant_id == t.id)) is None
     with pytest.raises(VaultError):
-        await keys.load_data_key(db_session, DataKeyCache(ring), t.id)
+        await tenant_keys.load_data_key(db_session, DataKeyCache(ring), t.id)
     assert blob  # the ciphertext may survive in a backup; without the data key it is noise
 
 

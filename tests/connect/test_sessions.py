@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy import update
 
+from app.core.models import WebSession
 from app.main import create_app
-from app.models import WebSession
 from tests.support.journeys import PASSWORD, csrf_of, make_user
 
 

@@ -8,7 +8,14 @@ import uuid
 
 import pytest
 
-from app.vault import DataKey, DataKeyCache, Keyring, VaultError, data_key_id_of, new_data_key_material
+from app.vault.envelope import (
+    DataKey,
+    DataKeyCache,
+    Keyring,
+    VaultError,
+    data_key_id_of,
+    new_data_key_material,
+)
 
 
 def keyring(*ids: str) -> tuple[Keyring, list[tuple[str, bytes]]]:
@@ -85,7 +92,7 @@ def test_first_key_encrypts_all_keys_decrypt_and_a_removed_key_fails():
 
 
 def test_settings_parse_master_keys():
-    from app.settings import parse_master_keys
+    from app.core.settings import parse_master_keys
 
     good = base64.b64encode(b"x" * 32).decode()
     assert parse_master_keys(f"a:{good}, b:{good}") == [("a", b"x" * 32), ("b", b"x" * 32)]

@@ -7,7 +7,7 @@ import re
 import pytest
 from sqlalchemy import select, update
 
-from app.models import AuditEntry, Connection
+from app.core.models import AuditEntry, Connection
 from tests.support.journeys import (
     HIPAA_USER,
     PLAIN_USER,

@@ -11,14 +11,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.emulator.server import EmulatorServer
+from tests.support.emulator_controls import ControlledEmulator
 
 from .support import ALL_SCOPES, REDIRECT_URI, Flow, OAuth2Client, make_config
 
 
 @pytest.fixture(scope="session")
-def emulator() -> Iterator[EmulatorServer]:
-    with EmulatorServer(make_config()) as server:
+def emulator() -> Iterator[ControlledEmulator]:
+    with ControlledEmulator(make_config()) as server:
         yield server
 
 
@@ -36,7 +36,7 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def flow(emulator: EmulatorServer, http: httpx.Client) -> Flow:
+def flow(emulator: ControlledEmulator, http: httpx.Client) -> Flow:
     return Flow(emulator, http)
 
 

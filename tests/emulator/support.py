@@ -9,8 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from app.emulator.config import EmulatorConfig
-from app.emulator.server import EmulatorServer
+from salesmsg_emulator.config import EmulatorConfig
+from tests.support.emulator_controls import ControlledEmulator
 
 with warnings.catch_warnings():
     # authlib 1.9 warns that it falls back to httpx when httpx2 is not installed.
@@ -80,7 +80,7 @@ def query_of(url: str) -> dict[str, str]:
 class Flow:
     """Drives the authorize page like a browser would, then hands out codes and tokens."""
 
-    def __init__(self, server: EmulatorServer, http: httpx.Client) -> None:
+    def __init__(self, server: ControlledEmulator, http: httpx.Client) -> None:
         self.server = server
         self.http = http
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.emulator.scopes import PHI_SCOPES, SCOPES
-from app.emulator.server import EmulatorServer
+from salesmsg_emulator.scopes import PHI_SCOPES, SCOPES
+from tests.support.emulator_controls import ControlledEmulator
 
 from .support import ACME, AVERY, BLAIR, PAT_ACME, PAT_CORNER, Flow, bearer
 
 UNAUTHENTICATED = {"message": "Unauthenticated.", "auth_required": True}
 
 
-def test_no_token_is_401_unauthorized(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_no_token_is_401_unauthorized(emulator: ControlledEmulator, http: httpx.Client) -> None:
     for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
         answer = http.get(emulator.api_base + "/conversations", headers=headers)
         assert answer.status_code == 401
@@ -21,7 +21,7 @@ def test_no_token_is_401_unauthorized(emulator: EmulatorServer, http: httpx.Clie
 
 
 @pytest.mark.parametrize("token", ["garbage", "a.b", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.bm90IGpzb24.c2ln"])
-def test_undecodable_token_is_403(emulator: EmulatorServer, http: httpx.Client, token: str) -> None:
+def test_undecodable_token_is_403(emulator: ControlledEmulator, http: httpx.Client, token: str) -> None:
     answer = http.get(emulator.api_base + "/conversations", headers=bearer(token))
     assert answer.status_code == 403
     body = answer.json()
@@ -29,7 +29,7 @@ def test_undecodable_token_is_403(emulator: EmulatorServer, http: httpx.Client, 
 
 
 def test_decodable_but_foreign_expired_or_revoked_token_is_401(flow: Flow, http: httpx.Client,
-                                                               emulator: EmulatorServer) -> None:  # fmt: skip
+                                                               emulator: ControlledEmulator) -> None:  # fmt: skip
     tokens = flow.tokens(scope="users:read")
     header, payload, signature = tokens["access_token"].split(".")
     forged = f"{header}.{payload}.{signature[::-1]}"
@@ -42,7 +42,7 @@ def test_decodable_but_foreign_expired_or_revoked_token_is_401(flow: Flow, http:
     assert http.get(emulator.api_base + "/users/me", headers=bearer(tokens["access_token"])).status_code == 401
 
 
-def test_missing_scope_is_403_insufficient_scope(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_missing_scope_is_403_insufficient_scope(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="messages:read teams:read", user_id=AVERY, client_id="baa-client")
     answer = http.get(emulator.api_base + "/conversations", headers=bearer(tokens["access_token"]))
     assert answer.status_code == 403
@@ -66,7 +66,7 @@ def test_missing_scope_is_403_insufficient_scope(flow: Flow, http: httpx.Client,
     ("GET", "/tags", "tags:read"),
     ("POST", "/tags", "tags:write"),
 ])  # fmt: skip
-def test_every_endpoint_requires_its_scope(emulator: EmulatorServer, http: httpx.Client, method: str, path: str,
+def test_every_endpoint_requires_its_scope(emulator: ControlledEmulator, http: httpx.Client, method: str, path: str,
                                            scope: str) -> None:  # fmt: skip
     others = [s for s in SCOPES if s != scope]
     token = emulator.controls.issue_pat(AVERY, others)
@@ -80,7 +80,7 @@ def test_scope_catalogue_and_phi_list() -> None:
     assert PHI_SCOPES <= set(SCOPES) and len(PHI_SCOPES) == 11
 
 
-def test_pats_are_not_hipaa_gated_and_see_their_org(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_pats_are_not_hipaa_gated_and_see_their_org(emulator: ControlledEmulator, http: httpx.Client) -> None:
     answer = http.get(emulator.api_base + "/conversations", headers=bearer(PAT_ACME))
     assert answer.status_code == 200 and answer.json()
     assert http.get(emulator.api_base + "/organization/current", headers=bearer(PAT_ACME)).json()["id"] == ACME
@@ -88,7 +88,7 @@ def test_pats_are_not_hipaa_gated_and_see_their_org(emulator: EmulatorServer, ht
     assert http.get(emulator.api_base + "/conversations", headers=bearer(issued)).status_code == 200
 
 
-def test_pat_refresh_replaces_the_token(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_pat_refresh_replaces_the_token(emulator: ControlledEmulator, http: httpx.Client) -> None:
     answer = http.post(emulator.pat_refresh_url, headers=bearer(PAT_CORNER))
     assert answer.status_code == 200
     body = answer.json()
@@ -102,7 +102,7 @@ def test_pat_refresh_replaces_the_token(emulator: EmulatorServer, http: httpx.Cl
     assert emulator.controls.counter("token.pat_refresh") == 1
 
 
-def test_pat_refresh_errors(flow: Flow, emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_pat_refresh_errors(flow: Flow, emulator: ControlledEmulator, http: httpx.Client) -> None:
     assert http.post(emulator.pat_refresh_url).status_code == 401
     assert http.post(emulator.pat_refresh_url, headers=bearer("junk")).status_code == 403
     oauth = flow.tokens(scope="users:read")["access_token"]
@@ -110,7 +110,7 @@ def test_pat_refresh_errors(flow: Flow, emulator: EmulatorServer, http: httpx.Cl
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
 
 
-def test_rate_limit_429_for_a_minute_per_token(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_rate_limit_429_for_a_minute_per_token(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.update_settings(rate_limit_per_minute=5)
     url = emulator.api_base + "/users/me"
     assert [http.get(url, headers=bearer(PAT_ACME)).status_code for _ in range(5)] == [200] * 5
@@ -125,7 +125,7 @@ def test_rate_limit_429_for_a_minute_per_token(emulator: EmulatorServer, http: h
     assert emulator.controls.counter("rate_limited") == 2
 
 
-def test_rate_limit_is_a_rolling_window(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_rate_limit_is_a_rolling_window(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.update_settings(rate_limit_per_minute=3)
     url = emulator.api_base + "/users/me"
     for _ in range(3):
@@ -136,7 +136,7 @@ def test_rate_limit_is_a_rolling_window(emulator: EmulatorServer, http: httpx.Cl
     assert http.get(url, headers=bearer(PAT_ACME)).status_code == 429
 
 
-def test_html_errors(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_html_errors(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.update_settings(html_errors=True)
     for path, headers, status in (("/conversations", {}, 401), ("/conversations/999999", bearer(PAT_ACME), 404),
                                   ("/nowhere", bearer(PAT_ACME), 404)):  # fmt: skip
@@ -150,7 +150,7 @@ def test_html_errors(emulator: EmulatorServer, http: httpx.Client) -> None:
     assert http.get(emulator.api_base + "/teams", headers=bearer(PAT_ACME)).json()
 
 
-def test_unknown_api_path_is_json_404(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_unknown_api_path_is_json_404(emulator: ControlledEmulator, http: httpx.Client) -> None:
     answer = http.get(emulator.api_base + "/nowhere", headers=bearer(PAT_ACME))
     assert answer.status_code == 404 and answer.json() == {"message": "Not Found"}
     assert http.delete(emulator.api_base + "/teams", headers=bearer(PAT_ACME)).status_code == 405

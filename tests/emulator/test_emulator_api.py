@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.emulator.server import EmulatorServer
+from tests.support.emulator_controls import ControlledEmulator
 
 from .support import ALEX, AVERY, CASEY, PAT_ACME, PAT_CORNER, bearer
 
@@ -26,7 +26,7 @@ CONVERSATION_FIELDS = {"id", "contact", "owner", "number", "latest_message", "un
 class Api:
     """A tiny client bound to one bearer token."""
 
-    def __init__(self, server: EmulatorServer, http: httpx.Client, token: str) -> None:
+    def __init__(self, server: ControlledEmulator, http: httpx.Client, token: str) -> None:
         self.base, self.http, self.headers = server.api_base, http, bearer(token)
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
@@ -39,12 +39,12 @@ class Api:
 
 
 @pytest.fixture
-def acme(emulator: EmulatorServer, http: httpx.Client) -> Api:
+def acme(emulator: ControlledEmulator, http: httpx.Client) -> Api:
     return Api(emulator, http, PAT_ACME)
 
 
 @pytest.fixture
-def corner(emulator: EmulatorServer, http: httpx.Client) -> Api:
+def corner(emulator: ControlledEmulator, http: httpx.Client) -> Api:
     return Api(emulator, http, PAT_CORNER)
 
 
@@ -178,7 +178,7 @@ def _statuses(acme: Api, cid: int, mid: int) -> str:
 
 
 @pytest.mark.parametrize("style", ["query", "form", "json"])
-def test_send_appears_in_thread_and_progresses(acme: Api, emulator: EmulatorServer, style: str) -> None:
+def test_send_appears_in_thread_and_progresses(acme: Api, emulator: ControlledEmulator, style: str) -> None:
     cid = next(c["id"] for c in acme.get("/conversations", limit=100) if not c["contact"]["opt_out"]
                and not c["contact"]["is_blocked"])  # fmt: skip
     fields = {"message": f"Hello via {style} <b>bold</b>"}
@@ -199,7 +199,7 @@ def test_send_appears_in_thread_and_progresses(acme: Api, emulator: EmulatorServ
     assert delivered["status"] == "delivered" and delivered["delivered_at"] and delivered["sent_at"]
 
 
-def test_send_with_media_and_send_at(acme: Api, emulator: EmulatorServer) -> None:
+def test_send_with_media_and_send_at(acme: Api, emulator: ControlledEmulator) -> None:
     cid = acme.get("/conversations", limit=1)[0]["id"]
     params = [("message", "pic"), ("media_url[][url]", "https://example.com/a.png"),
               ("media_url[][url]", "https://example.com/b.jpg")]  # fmt: skip
@@ -232,7 +232,7 @@ def test_message_validation(acme: Api) -> None:
                         headers={"content-type": "application/json"}).status_code == 400  # fmt: skip
 
 
-def test_send_to_opted_out_contact_fails(acme: Api, emulator: EmulatorServer) -> None:
+def test_send_to_opted_out_contact_fails(acme: Api, emulator: ControlledEmulator) -> None:
     contact = acme.request("POST", "/contacts", json={"number": "+12025550198", "first_name": "Opty"}).json()
     acme.request("PUT", f"/contacts/{contact['id']}", json={"opt_out": True})
     team_id = acme.get("/teams")[0]["id"]
@@ -315,7 +315,7 @@ def test_tags_teams_users_org(acme: Api) -> None:
     assert org["name"] == "Acme Clinic" and org["hipaa"] is True
 
 
-def test_seed_is_fake_and_deterministic(acme: Api, emulator: EmulatorServer) -> None:
+def test_seed_is_fake_and_deterministic(acme: Api, emulator: ControlledEmulator) -> None:
     before = acme.get("/contacts", length=100)["data"]
     assert before[0]["full_name"] == "Testy McTestface"
     assert all(c["number"][5:10] == "55501" for c in before)

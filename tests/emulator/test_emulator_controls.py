@@ -8,14 +8,24 @@ import time
 import httpx
 import pytest
 
-from app.emulator.server import EmulatorServer
+from tests.support.emulator_controls import ControlledEmulator
 
-from .support import ACME, ALEX, AVERY, CASEY, CORNER, PAT_ACME, Flow, bearer, make_config
+from .support import (
+    ACME,
+    ALEX,
+    AVERY,
+    CASEY,
+    CORNER,
+    PAT_ACME,
+    Flow,
+    bearer,
+    make_config,
+)
 
 CONVERSATIONS = "/pub/v2.2/conversations"
 
 
-def test_fail_next_with_retry_after_then_recovers(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_fail_next_with_retry_after_then_recovers(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.fail_next(2, status=503, path_prefix=CONVERSATIONS, retry_after=7)
     url = emulator.api_base + "/conversations"
     for _ in range(2):
@@ -29,7 +39,7 @@ def test_fail_next_with_retry_after_then_recovers(emulator: EmulatorServer, http
     assert counters["api.GET /conversations"] == 3 and counters["api.GET /conversations.503"] == 2
 
 
-def test_fail_next_custom_body_and_method(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_fail_next_custom_body_and_method(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.fail_next(1, status=502, method="POST", body="<html>Bad gateway</html>",
                                 content_type="text/html")  # fmt: skip
     assert http.get(emulator.api_base + "/teams", headers=bearer(PAT_ACME)).status_code == 200
@@ -40,7 +50,7 @@ def test_fail_next_custom_body_and_method(emulator: EmulatorServer, http: httpx.
     assert http.get(emulator.api_base + "/teams", headers=bearer(PAT_ACME)).json() == {"message": "Too Many Attempts."}
 
 
-def test_fail_next_on_the_token_endpoint_counts_the_refresh_attempt(flow: Flow, emulator: EmulatorServer) -> None:
+def test_fail_next_on_the_token_endpoint_counts_the_refresh_attempt(flow: Flow, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read")
     emulator.controls.fail_next(1, status=500, path_prefix="/pub/v2.2/oauth/token")
     assert flow.refresh(tokens["refresh_token"]).status_code == 500
@@ -49,7 +59,7 @@ def test_fail_next_on_the_token_endpoint_counts_the_refresh_attempt(flow: Flow, 
     assert counters["token.refresh"] == 2 and counters["token.refresh.500"] == 1 and counters["token.refresh.200"] == 1
 
 
-def test_drop_connection_gives_a_transport_error_not_a_status(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_drop_connection_gives_a_transport_error_not_a_status(emulator: ControlledEmulator, http: httpx.Client) -> None:
     emulator.controls.drop_next(1, path_prefix=CONVERSATIONS)
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
         http.get(emulator.api_base + "/conversations", headers=bearer(PAT_ACME))
@@ -58,7 +68,7 @@ def test_drop_connection_gives_a_transport_error_not_a_status(emulator: Emulator
     assert counters["fault.drop"] == 1 and counters["api.GET /conversations.dropped"] == 1
 
 
-def test_drop_on_token_endpoint(flow: Flow, emulator: EmulatorServer) -> None:
+def test_drop_on_token_endpoint(flow: Flow, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read")
     emulator.controls.drop_next(1, path_prefix="/pub/v2.2/oauth/token")
     with pytest.raises(httpx.TransportError):
@@ -66,7 +76,7 @@ def test_drop_on_token_endpoint(flow: Flow, emulator: EmulatorServer) -> None:
     assert flow.refresh(tokens["refresh_token"]).status_code == 200
 
 
-def test_latency_applies_to_api_calls_only(emulator: EmulatorServer, http: httpx.Client, flow: Flow) -> None:
+def test_latency_applies_to_api_calls_only(emulator: ControlledEmulator, http: httpx.Client, flow: Flow) -> None:
     emulator.controls.set_latency(300)
     started = time.perf_counter()
     assert http.get(emulator.api_base + "/teams", headers=bearer(PAT_ACME)).status_code == 200
@@ -80,7 +90,7 @@ def test_latency_applies_to_api_calls_only(emulator: EmulatorServer, http: httpx
     assert time.perf_counter() - started < 0.3
 
 
-def test_slow_token_endpoint_makes_a_client_timeout(flow: Flow, emulator: EmulatorServer) -> None:
+def test_slow_token_endpoint_makes_a_client_timeout(flow: Flow, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read")
     emulator.controls.slow_token(600)
     with pytest.raises(httpx.ReadTimeout):
@@ -98,7 +108,7 @@ def test_slow_token_endpoint_makes_a_client_timeout(flow: Flow, emulator: Emulat
     assert emulator.controls.counter("token.refresh.200") == 1
 
 
-def test_omit_refresh_token_keeps_the_old_one_valid(flow: Flow, emulator: EmulatorServer) -> None:
+def test_omit_refresh_token_keeps_the_old_one_valid(flow: Flow, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read")
     emulator.controls.omit_refresh_token(True)
     first = flow.refresh(tokens["refresh_token"]).json()
@@ -110,7 +120,7 @@ def test_omit_refresh_token_keeps_the_old_one_valid(flow: Flow, emulator: Emulat
 
 
 @pytest.mark.parametrize("selector", ["org", "user", "token"])
-def test_revoke_grant(flow: Flow, emulator: EmulatorServer, http: httpx.Client, selector: str) -> None:
+def test_revoke_grant(flow: Flow, emulator: ControlledEmulator, http: httpx.Client, selector: str) -> None:
     tokens = flow.tokens(scope="users:read", user_id=AVERY)
     other = flow.tokens(scope="users:read", user_id=CASEY)
     kwargs = {"org": {"org_id": ACME}, "user": {"user_id": AVERY},
@@ -121,12 +131,12 @@ def test_revoke_grant(flow: Flow, emulator: EmulatorServer, http: httpx.Client, 
     assert http.get(emulator.api_base + "/users/me", headers=bearer(other["access_token"])).status_code == 200
 
 
-def test_revoke_a_pat(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_revoke_a_pat(emulator: ControlledEmulator, http: httpx.Client) -> None:
     assert emulator.controls.revoke(access_token=PAT_ACME)["revoked_pats"] == 1
     assert http.get(emulator.api_base + "/users/me", headers=bearer(PAT_ACME)).status_code == 401
 
 
-def test_expire_token_then_refresh_works(flow: Flow, emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_expire_token_then_refresh_works(flow: Flow, emulator: ControlledEmulator, http: httpx.Client) -> None:
     tokens = flow.tokens(scope="users:read", user_id=ALEX)
     assert emulator.controls.expire_tokens(access_token=tokens["access_token"]) == 1
     expired = http.get(emulator.api_base + "/users/me", headers=bearer(tokens["access_token"]))
@@ -137,7 +147,7 @@ def test_expire_token_then_refresh_works(flow: Flow, emulator: EmulatorServer, h
     assert http.get(emulator.api_base + "/users/me", headers=bearer(fresh)).status_code == 401
 
 
-def test_issue_pat_with_ttl(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_issue_pat_with_ttl(emulator: ControlledEmulator, http: httpx.Client) -> None:
     token = emulator.controls.issue_pat(CASEY, ["users:read"], ttl_seconds=30)
     assert http.get(emulator.api_base + "/users/me", headers=bearer(token)).json()["id"] == CASEY
     emulator.controls.advance_clock(31)
@@ -148,7 +158,7 @@ def test_issue_pat_with_ttl(emulator: EmulatorServer, http: httpx.Client) -> Non
         emulator.controls.issue_pat(CASEY, ["nope:read"])
 
 
-def test_inject_inbound_message_is_returned_raw(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_inject_inbound_message_is_returned_raw(emulator: ControlledEmulator, http: httpx.Client) -> None:
     conversations = http.get(emulator.api_base + "/conversations", headers=bearer(PAT_ACME),
                              params={"filter": "closed"}).json()  # fmt: skip
     cid = conversations[0]["id"]
@@ -160,7 +170,7 @@ def test_inject_inbound_message_is_returned_raw(emulator: EmulatorServer, http: 
     assert conversation["unread"] is True and conversation["closed_at"] is None
 
 
-def test_counters_and_resets(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_counters_and_resets(emulator: ControlledEmulator, http: httpx.Client) -> None:
     http.get(emulator.api_base + "/teams", headers=bearer(PAT_ACME))
     http.get(emulator.api_base + "/teams")
     counters = emulator.controls.counters()
@@ -176,7 +186,7 @@ def test_counters_and_resets(emulator: EmulatorServer, http: httpx.Client) -> No
     assert emulator.controls.settings()["rate_limit_per_minute"] == 0
 
 
-def test_state_reset_restores_the_seed(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_state_reset_restores_the_seed(emulator: ControlledEmulator, http: httpx.Client) -> None:
     contact = http.get(emulator.api_base + "/contacts", headers=bearer(PAT_ACME)).json()["data"][0]
     assert http.delete(emulator.api_base + f"/contacts/{contact['id']}", headers=bearer(PAT_ACME)).status_code == 200
     emulator.controls.advance_clock(1000)
@@ -185,7 +195,7 @@ def test_state_reset_restores_the_seed(emulator: EmulatorServer, http: httpx.Cli
     assert emulator.controls.clock()["offset"] == 0
 
 
-def test_settings_validation(emulator: EmulatorServer) -> None:
+def test_settings_validation(emulator: ControlledEmulator) -> None:
     with pytest.raises(httpx.HTTPStatusError):
         emulator.controls.update_settings(no_such_setting=1)
     with pytest.raises(httpx.HTTPStatusError):
@@ -193,14 +203,14 @@ def test_settings_validation(emulator: EmulatorServer) -> None:
     assert emulator.controls.update_settings(code_ttl=5)["code_ttl"] == 5
 
 
-def test_org_hipaa_switch(flow: Flow, emulator: EmulatorServer) -> None:
+def test_org_hipaa_switch(flow: Flow, emulator: ControlledEmulator) -> None:
     emulator.controls.set_org_hipaa(CORNER, True)
     assert flow.exchange(flow.code(scope="messages:read", user_id=CASEY)).status_code == 403
     emulator.controls.set_org_hipaa(CORNER, False)
     assert flow.exchange(flow.code(scope="messages:read", user_id=CASEY)).status_code == 200
 
 
-def test_orgs_and_grants_views(flow: Flow, emulator: EmulatorServer) -> None:
+def test_orgs_and_grants_views(flow: Flow, emulator: ControlledEmulator) -> None:
     orgs = emulator.controls.orgs()
     assert [o["name"] for o in orgs] == ["Acme Clinic", "Bright Dental", "Corner Bakery"]
     assert [u["id"] for u in orgs[0]["users"]] == [AVERY, ALEX] and len(orgs[0]["teams"]) == 3
@@ -211,14 +221,14 @@ def test_orgs_and_grants_views(flow: Flow, emulator: EmulatorServer) -> None:
 
 
 def test_controls_disabled_answer_404_but_health(http: httpx.Client) -> None:
-    with EmulatorServer(make_config(controls_enabled=False)) as server:
+    with ControlledEmulator(make_config(controls_enabled=False)) as server:
         assert http.get(server.url + "/_emulator/health").json()["status"] == "ok"
         for path in ("/_emulator/counters", "/_emulator/faults", "/_emulator/nothing"):
             assert http.get(server.url + path).status_code == 404
         assert http.post(server.url + "/_emulator/faults/fail", json={}).status_code == 404
 
 
-def test_control_client_is_usable_from_another_thread(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_control_client_is_usable_from_another_thread(emulator: ControlledEmulator, http: httpx.Client) -> None:
     errors: list[BaseException] = []
 
     def hammer() -> None:

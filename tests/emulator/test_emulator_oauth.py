@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from app.emulator.server import EmulatorServer
+from tests.support.emulator_controls import ControlledEmulator
 
 from .support import (
     ACME,
@@ -32,7 +32,7 @@ from .support import (
 BAA_MESSAGE = "Access denied. You must have a signed Business Associate Agreement (BAA) to continue."
 
 
-def _approve_page(emulator: EmulatorServer, http: httpx.Client, url: str, user_id: int) -> str:
+def _approve_page(emulator: ControlledEmulator, http: httpx.Client, url: str, user_id: int) -> str:
     """Load the approve page of ``url``, pick ``user_id``, press Approve; the callback URL."""
     page = http.get(url)
     assert page.status_code == 200
@@ -42,7 +42,7 @@ def _approve_page(emulator: EmulatorServer, http: httpx.Client, url: str, user_i
     return answer.headers["location"]
 
 
-def test_authlib_full_cycle_through_the_approve_page(emulator: EmulatorServer, http: httpx.Client,
+def test_authlib_full_cycle_through_the_approve_page(emulator: ControlledEmulator, http: httpx.Client,
                                                      oauth_client: OAuth2Client) -> None:  # fmt: skip
     verifier = generate_token(48)
     url, state = oauth_client.create_authorization_url(emulator.authorize_url, code_verifier=verifier)
@@ -74,7 +74,7 @@ def test_authlib_full_cycle_through_the_approve_page(emulator: EmulatorServer, h
 
 
 def test_auto_approve_redirects_straight_back_and_user_id_picks_the_user(http: httpx.Client) -> None:
-    with EmulatorServer(make_config(auto_approve=True)) as server:
+    with ControlledEmulator(make_config(auto_approve=True)) as server:
         client = OAuth2Client("test-client", "test-secret", scope="users:read", redirect_uri=REDIRECT_URI,
                               trust_env=False)  # fmt: skip
         with client:
@@ -95,7 +95,7 @@ def test_deny_redirects_with_access_denied_and_state(flow: Flow) -> None:
     assert query_of(answer.headers["location"]) == {"error": "access_denied", "state": "keep-me"}
 
 
-def test_approve_page_escapes_and_lists_scopes(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_approve_page_escapes_and_lists_scopes(emulator: ControlledEmulator, http: httpx.Client) -> None:
     page = http.get(emulator.authorize_url, params={
         "response_type": "code", "client_id": "test-client", "redirect_uri": REDIRECT_URI,
         "scope": "contacts:read teams:read", "state": '"><script>alert(1)</script>',
@@ -115,7 +115,7 @@ def test_approve_page_escapes_and_lists_scopes(emulator: EmulatorServer, http: h
     {"client_id": "test-client"},
 ])  # fmt: skip
 def test_unknown_client_or_redirect_uri_shows_an_error_page_never_redirects(
-    emulator: EmulatorServer, http: httpx.Client, params: dict[str, str]
+    emulator: ControlledEmulator, http: httpx.Client, params: dict[str, str]
 ) -> None:
     answer = http.get(emulator.authorize_url, params={"response_type": "code", "scope": "users:read", **params})
     assert answer.status_code == 400
@@ -128,7 +128,7 @@ def test_unknown_client_or_redirect_uri_shows_an_error_page_never_redirects(
     ("", "test-client"),
     ("conversations:read", "narrow-client"),
 ])  # fmt: skip
-def test_bad_scope_redirects_with_invalid_scope(emulator: EmulatorServer, http: httpx.Client, scope: str,
+def test_bad_scope_redirects_with_invalid_scope(emulator: ControlledEmulator, http: httpx.Client, scope: str,
                                                 client_id: str) -> None:  # fmt: skip
     answer = http.get(emulator.authorize_url, params={
         "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT_URI, "scope": scope, "state": "z",
@@ -138,7 +138,7 @@ def test_bad_scope_redirects_with_invalid_scope(emulator: EmulatorServer, http: 
     assert query["error"] == "invalid_scope" and query["state"] == "z"
 
 
-def test_unsupported_response_type(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_unsupported_response_type(emulator: ControlledEmulator, http: httpx.Client) -> None:
     answer = http.get(emulator.authorize_url, params={
         "response_type": "token", "client_id": "test-client", "redirect_uri": REDIRECT_URI, "scope": "users:read",
     })  # fmt: skip
@@ -146,7 +146,7 @@ def test_unsupported_response_type(emulator: EmulatorServer, http: httpx.Client)
 
 
 def test_code_is_single_use_and_reuse_revokes_its_tokens(flow: Flow, http: httpx.Client,
-                                                         emulator: EmulatorServer) -> None:  # fmt: skip
+                                                         emulator: ControlledEmulator) -> None:  # fmt: skip
     code = flow.code(scope="users:read")
     first = flow.exchange(code)
     assert first.status_code == 200
@@ -156,7 +156,7 @@ def test_code_is_single_use_and_reuse_revokes_its_tokens(flow: Flow, http: httpx
     assert me.status_code == 401
 
 
-def test_code_expires_after_code_ttl(flow: Flow, emulator: EmulatorServer) -> None:
+def test_code_expires_after_code_ttl(flow: Flow, emulator: ControlledEmulator) -> None:
     code = flow.code(scope="users:read")
     emulator.controls.advance_clock(61)
     answer = flow.exchange(code)
@@ -177,7 +177,7 @@ def test_wrong_client_secret_is_invalid_client_401(flow: Flow) -> None:
 
 def test_pkce_s256_wrong_verifier_fails_and_right_one_works(flow: Flow) -> None:
     verifier = generate_token(48)
-    from app.emulator.tokens import pkce_s256
+    from salesmsg_emulator.tokens import pkce_s256
 
     challenge = {"code_challenge": pkce_s256(verifier), "code_challenge_method": "S256"}
     wrong = flow.exchange(flow.code(scope="users:read", **challenge), code_verifier=generate_token(48))
@@ -194,7 +194,7 @@ def test_pkce_plain(flow: Flow) -> None:
     assert flow.exchange(flow.code(scope="users:read", **challenge), code_verifier=verifier).status_code == 200
 
 
-def test_token_request_as_json_and_with_basic_auth(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_token_request_as_json_and_with_basic_auth(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     code = flow.code(scope="users:read")
     answer = http.post(emulator.token_url, json={
         "grant_type": "authorization_code", "code": code, "client_id": "test-client", "client_secret": "test-secret",
@@ -209,7 +209,7 @@ def test_token_request_as_json_and_with_basic_auth(flow: Flow, http: httpx.Clien
     assert refreshed.status_code == 200 and refreshed.json()["scope"] == "users:read"
 
 
-def test_documented_refresh_endpoint_json_and_form(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_documented_refresh_endpoint_json_and_form(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read teams:read")
     body = {"grant_type": "refresh_token", "client_id": "test-client", "client_secret": "test-secret",
             "refresh_token": tokens["refresh_token"]}  # fmt: skip
@@ -226,7 +226,7 @@ def test_documented_refresh_endpoint_json_and_form(flow: Flow, http: httpx.Clien
 
 
 def test_reusing_a_rotated_refresh_token_revokes_the_whole_grant(flow: Flow, http: httpx.Client,
-                                                                 emulator: EmulatorServer) -> None:  # fmt: skip
+                                                                 emulator: ControlledEmulator) -> None:  # fmt: skip
     tokens = flow.tokens(scope="users:read")
     rotated = flow.refresh(tokens["refresh_token"]).json()
     reuse = flow.refresh(tokens["refresh_token"])
@@ -239,7 +239,7 @@ def test_reusing_a_rotated_refresh_token_revokes_the_whole_grant(flow: Flow, htt
     assert emulator.controls.grants()[0]["revoked_reason"] == "refresh token reuse"
 
 
-def test_refresh_may_narrow_scopes_but_never_widen(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_refresh_may_narrow_scopes_but_never_widen(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(scope="users:read teams:read")
     narrow = flow.refresh(tokens["refresh_token"], scope="teams:read").json()
     assert narrow["scope"] == "teams:read"
@@ -250,7 +250,7 @@ def test_refresh_may_narrow_scopes_but_never_widen(flow: Flow, http: httpx.Clien
     assert flow.refresh(narrow["refresh_token"]).json()["scope"] == "users:read teams:read"
 
 
-def test_unsupported_and_missing_grant_type(emulator: EmulatorServer, http: httpx.Client) -> None:
+def test_unsupported_and_missing_grant_type(emulator: ControlledEmulator, http: httpx.Client) -> None:
     creds = {"client_id": "test-client", "client_secret": "test-secret"}
     assert http.post(emulator.token_url, data=creds | {"grant_type": "password"}).json()["error"] == (
         "unsupported_grant_type")  # fmt: skip
@@ -265,7 +265,7 @@ def test_hipaa_org_without_baa_gets_the_exact_403(flow: Flow) -> None:
     assert answer.json() == {"message": BAA_MESSAGE}
 
 
-def test_hipaa_org_with_baa_signed_client_succeeds(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_hipaa_org_with_baa_signed_client_succeeds(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(client_id="baa-client", scope="messages:read conversations:read", user_id=ALEX)
     conversations = http.get(emulator.api_base + "/conversations", headers=bearer(tokens["access_token"]))
     assert conversations.status_code == 200 and conversations.json()
@@ -276,7 +276,7 @@ def test_hipaa_org_non_phi_scopes_and_non_hipaa_org_are_not_gated(flow: Flow) ->
     assert flow.exchange(flow.code(scope="messages:read", user_id=CASEY)).status_code == 200
 
 
-def test_refresh_is_gated_when_the_baa_goes_away(flow: Flow, emulator: EmulatorServer) -> None:
+def test_refresh_is_gated_when_the_baa_goes_away(flow: Flow, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(client_id="baa-client", scope="messages:read", user_id=AVERY)
     emulator.controls.set_client_baa("baa-client", False)
     answer = flow.refresh(tokens["refresh_token"], client_id="baa-client", client_secret="baa-secret")
@@ -293,7 +293,7 @@ def test_access_token_is_a_signed_jwt_with_the_claims(flow: Flow) -> None:
     assert claims["exp"] - claims["iat"] == 86340 and len(claims["jti"]) == 32
 
 
-def test_acme_user_sees_only_acme(flow: Flow, http: httpx.Client, emulator: EmulatorServer) -> None:
+def test_acme_user_sees_only_acme(flow: Flow, http: httpx.Client, emulator: ControlledEmulator) -> None:
     tokens = flow.tokens(client_id="baa-client", scope="organizations:read", user_id=AVERY)
     org = http.get(emulator.api_base + "/organization/current", headers=bearer(tokens["access_token"])).json()
     assert org["id"] == ACME and org["hipaa"] is True

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from app.emulator.config import ConfigError, default_config, load_config
-from app.emulator.server import EmulatorServer
+from salesmsg_emulator.config import ConfigError, default_config, load_config
+from tests.support.emulator_controls import ControlledEmulator
 
 from .support import AVERY, PAT_ACME, bearer, config_data, make_config
 
@@ -67,7 +67,7 @@ def test_python_m_app_emulator_with_a_yaml_config(tmp_path: Path) -> None:
     config_file = tmp_path / "emulator.yaml"
     config_file.write_text(yaml.safe_dump(config_data()))
     port = free_port()
-    command = [sys.executable, "-m", "app.emulator", "--port", str(port), "--config", str(config_file)]
+    command = [sys.executable, "-m", "salesmsg_emulator", "--port", str(port), "--config", str(config_file)]
     with running(command, port) as run:
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(base + "/_emulator/health", trust_env=False).json()
@@ -98,7 +98,7 @@ def test_cli_emulator_command_with_the_builtin_config() -> None:
 def test_cli_refuses_a_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("clients: []\n")
-    result = subprocess.run([sys.executable, "-m", "app.emulator", "--config", str(bad)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "salesmsg_emulator", "--config", str(bad)], cwd=REPO,
                             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert result.returncode == 2 and "invalid emulator config" in result.stderr
 
@@ -132,20 +132,20 @@ def test_json_config_and_errors(tmp_path: Path) -> None:
 
 def test_persistence_survives_a_restart(tmp_path: Path, http: httpx.Client) -> None:
     config = make_config(persist_path=str(tmp_path / "state.sqlite3"))
-    with EmulatorServer(config) as first:
+    with ControlledEmulator(config) as first:
         created = http.post(first.api_base + "/contacts", headers=bearer(PAT_ACME),
                             json={"number": "+12025550196", "first_name": "Persisted"}).json()  # fmt: skip
         token = first.controls.issue_pat(AVERY, ["contacts:read"])
-    with EmulatorServer(config) as second:
+    with ControlledEmulator(config) as second:
         again = http.get(second.api_base + f"/contacts/{created['id']}", headers=bearer(token))
         assert again.status_code == 200 and again.json()["first_name"] == "Persisted"
-    with EmulatorServer(make_config(persist_path=str(tmp_path / "state.sqlite3"), seed=8)) as reseeded:
+    with ControlledEmulator(make_config(persist_path=str(tmp_path / "state.sqlite3"), seed=8)) as reseeded:
         assert http.get(reseeded.api_base + f"/contacts/{created['id']}", headers=bearer(PAT_ACME)).status_code == 404
 
 
 def test_same_seed_same_data_across_instances(http: httpx.Client) -> None:
     def snapshot(seed: int) -> list[tuple[int, str, str]]:
-        with EmulatorServer(make_config(seed=seed)) as server:
+        with ControlledEmulator(make_config(seed=seed)) as server:
             rows = http.get(server.api_base + "/conversations", headers=bearer(PAT_ACME), params={"limit": 100}).json()
             return sorted((c["id"], c["contact"]["full_name"], c["latest_message"]["body"]) for c in rows)
 
@@ -155,7 +155,7 @@ def test_same_seed_same_data_across_instances(http: httpx.Client) -> None:
 
 def test_emulator_server_stops_cleanly() -> None:
     before = set(threading.enumerate())
-    server = EmulatorServer(make_config()).start()
+    server = ControlledEmulator(make_config()).start()
     url = server.url
     assert httpx.get(url + "/_emulator/health", trust_env=False).status_code == 200
     assert server.api_base == url + "/pub/v2.2" and server.authorize_url == url + "/auth/oauth"

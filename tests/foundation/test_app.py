@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi import APIRouter
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 
 
 async def test_healthz_answers_ok(client):
@@ -144,10 +144,15 @@ def test_settings_are_not_built_at_import_time(monkeypatch):
 
 
 def test_only_an_unavailable_database_is_a_503_not_a_bad_query_that_names_a_connection():
-    from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+    from sqlalchemy.exc import (
+        DBAPIError,
+        IntegrityError,
+        InterfaceError,
+        OperationalError,
+    )
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    from app.errors import is_database_unavailable
+    from app.core.errors import is_database_unavailable
 
     class DriverError(Exception):
         def __init__(self, message: str, sqlstate: str | None = None) -> None:

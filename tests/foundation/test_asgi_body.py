@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.asgi_body import BodyTooLarge, buffer_body
+from app.kit.asgi import BodyTooLarge, buffer_body
 
 
 def receiver(*messages):

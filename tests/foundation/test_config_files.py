@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = {f"SMC_{name.upper()}" for name in Settings.model_fields}

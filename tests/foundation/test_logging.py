@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from app.logs import configure_logging, get_logger, redact_text
+from app.core.logs import configure_logging, get_logger, redact_text
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLWJ5dGVz"
 OPAQUE = "rt_Zk3Jd9QmX2vB7nL4pT8sW1yC6hF0gA5e"

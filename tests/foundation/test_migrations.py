@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.migrate import downgrade, upgrade
-from app.models import Base
+from app.core.migrate import downgrade, upgrade
+from app.core.models import Base
 from tests.support.databases import run_in_thread
 
 

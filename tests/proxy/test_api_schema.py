@@ -15,25 +15,27 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.audit import Actor
+from app.audit.audit_log import Actor
 from app.runtime import Runtime
 from tests.support.databases import run_in_thread
 from tests.support.served import ServedApp
 
 
 async def _seed(settings) -> str:
-    from app import api_keys, connect, tenants
+    from app.connections import authorize
+    from app.identity import api_keys
+    from app.tenants import registry
     from tests.support.journeys import PAT
 
     runtime = await Runtime.start(settings)
     try:
         async with runtime.db.session() as session:
             for slug, hipaa in (("fuzz-one", True), ("fuzz-two", False)):
-                await tenants.create_tenant(session, keyring=runtime.keyring, slug=slug, name=slug, hipaa=hipaa, actor=Actor.system())
+                await registry.create_tenant(session, keyring=runtime.keyring, slug=slug, name=slug, hipaa=hipaa, actor=Actor.system())
             _, key = await api_keys.create_api_key(session, name="fuzz", tenant_refs=None, operator=True, actor=Actor.system())
         async with runtime.db.session() as session:
-            tenant = await tenants.get_tenant(session, "fuzz-two")
-            await connect.connect_with_pat(session, runtime, tenant=tenant, token=PAT, granted=["conversations:read", "teams:read"],
+            tenant = await registry.get_tenant(session, "fuzz-two")
+            await authorize.connect_with_pat(session, runtime, tenant=tenant, token=PAT, granted=["conversations:read", "teams:read"],
                                            actor=Actor.system())
         return key
     finally:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app import connections, keys
+from app.connections import store
+from app.kit.retry_after import retry_after_seconds
 from app.main import create_app
-from app.proxy import safe_path
-from app.retry_after import retry_after_seconds
-from app.upstream import Refusal
+from app.proxy.handler import safe_path
+from app.proxy.upstream import Refusal
+from app.vault import tenant_keys
 from tests.support.journeys import connected_tenant, make_api_key, make_tenant
 from tests.support.recorder import Recorder
 
@@ -71,8 +72,8 @@ async def recorded_app(connected_settings, recorder):
         runtime = app.state.runtime
         tenant = await make_tenant(runtime, "rec", hipaa=False)
         async with runtime.db.session() as session:
-            key = await keys.load_data_key(session, runtime.data_keys, tenant.id)
-            await connections.store_new_grant(
+            key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
+            await store.store_new_grant(
                 session, tenant=tenant, key=key, kind="oauth", access_token="upstream-token-123",
                 refresh_token="refresh-abc", expires_in=3600, granted_scopes=["contacts:read", "contacts:write", "teams:read"],
                 connected_by="test",

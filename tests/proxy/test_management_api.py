@@ -161,7 +161,7 @@ async def test_deleting_a_tenant_shreds_its_keys_and_cuts_the_proxy(runtime, bro
     assert (await client_for.get("/api/v1/tenants/doomed/proxy/teams", headers=auth(service))).status_code == 404
     from sqlalchemy import func, select
 
-    from app.models import Connection, TenantKey
+    from app.core.models import Connection, TenantKey
 
     async with runtime.db.session() as session:
         assert await session.scalar(select(func.count()).select_from(TenantKey)) == 0

@@ -9,11 +9,19 @@ import time
 import pytest
 from sqlalchemy import select
 
-from app import api_keys, baa, connections
-from app.audit import Actor
-from app.models import AuditEntry
-from app.tenants import get_tenant
-from tests.support.journeys import HIPAA_USER, connected_tenant, make_api_key, make_tenant, sign_baa
+from app.audit.audit_log import Actor
+from app.connections import store
+from app.core.models import AuditEntry
+from app.identity import api_keys
+from app.tenants import baa
+from app.tenants.registry import get_tenant
+from tests.support.journeys import (
+    HIPAA_USER,
+    connected_tenant,
+    make_api_key,
+    make_tenant,
+    sign_baa,
+)
 
 CONVERSATIONS = "/api/v1/tenants/{t}/proxy/conversations?filter=open&limit=5"
 
@@ -53,7 +61,7 @@ async def test_a_key_for_tenant_a_cannot_reach_tenant_b(runtime, two_tenants, cl
     assert sneaky.status_code == 201
     assert upstream.controls.counter("api.GET /conversations") == before
     async with runtime.db.session() as session:
-        conn_a = await connections.get_connection(session, a.id)
+        conn_a = await store.get_connection(session, a.id)
     grants = upstream.controls.grants()
     assert conn_a is not None and grants  # the contact was created with tenant A's grant only
 
@@ -170,12 +178,12 @@ async def test_needs_reauth_and_not_connected_are_409(runtime, two_tenants, clie
     response = await client_for.get(CONVERSATIONS.format(t="never-connected"), headers=auth(key))
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_connected"
     async with runtime.db.session() as session:
-        conn = await connections.get_connection(session, two_tenants[0].id)
+        conn = await store.get_connection(session, two_tenants[0].id)
         conn.status = "needs_reauth"
     response = await client_for.get(CONVERSATIONS.format(t="tenant-a"), headers=auth(key))
     assert response.status_code == 409 and response.json()["error"]["code"] == "connection_needs_reauth"
     async with runtime.db.session() as session:
-        await connections.disconnect(session, tenant=await get_tenant(session, "tenant-b"), actor=Actor.system())
+        await store.disconnect(session, tenant=await get_tenant(session, "tenant-b"), actor=Actor.system())
     response = await client_for.get(CONVERSATIONS.format(t="tenant-b"), headers=auth(key))
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_connected"
 
@@ -312,7 +320,7 @@ async def test_phi_calls_are_refused_not_served_unaudited_when_the_audit_queue_i
 async def test_rate_limits_answer_429_with_retry_after(runtime, two_tenants, client_for):
     from limits import parse
 
-    from app.rate_limits import CellRate
+    from app.proxy.rate_limits import CellRate
 
     key = await make_api_key(runtime, tenants=["tenant-a"])
     runtime.rate_limits.per_key = CellRate(parse("3/minute"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from limits import parse
 
-from app.rate_limits import CellRate
+from app.proxy.rate_limits import CellRate
 
 
 def test_a_burst_of_n_then_one_call_per_interval():

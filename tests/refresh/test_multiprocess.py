@@ -10,9 +10,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from app import connections, keys, tenants
-from app.audit import Actor
-from app.models import Connection
+from app.audit.audit_log import Actor
+from app.connections import store
+from app.core.models import Connection
+from app.tenants import registry
+from app.vault import tenant_keys
 from tests.reliability.support import serve_env
 from tests.support.journeys import connected_tenant, make_api_key
 from tests.support.processes import Served
@@ -54,13 +56,13 @@ async def test_100_callers_across_4_processes_refresh_an_expired_token_once(
     assert upstream.controls.counter("token.refresh") == 1
     assert upstream.controls.counter("grant.reuse_detected") == 0
     async with runtime.db.session() as session:
-        conn = await connections.get_connection(session, tenant.id)
-        key_ = await keys.load_data_key(session, runtime.data_keys, tenant.id)
+        conn = await store.get_connection(session, tenant.id)
+        key_ = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
     assert conn.version == 2 and conn.lease_owner is None
     # the database holds the rotated refresh token: refreshing with it works (a stale one would kill the grant)
     refreshed = await runtime.refresher.force_refresh(conn.id, seen_version=conn.version)
     assert refreshed.version == 3 and upstream.controls.counter("token.refresh.200") == 2
-    assert connections.open_refresh_token(conn, key_)
+    assert store.open_refresh_token(conn, key_)
 
 
 async def _make_pat_connections(runtime, upstream, count: int) -> None:
@@ -68,10 +70,10 @@ async def _make_pat_connections(runtime, upstream, count: int) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=60)
     async with runtime.db.session() as session:
         for i, pat in enumerate(pats):
-            tenant = await tenants.create_tenant(session, keyring=runtime.keyring, slug=f"bulk-{i:04d}", name=f"Bulk {i}",
+            tenant = await registry.create_tenant(session, keyring=runtime.keyring, slug=f"bulk-{i:04d}", name=f"Bulk {i}",
                                                  hipaa=False, actor=Actor.system())
-            key = await keys.data_key_for(session, runtime.data_keys, tenant.id)
-            conn, _ = await connections.store_new_grant(
+            key = await tenant_keys.data_key_for(session, runtime.data_keys, tenant.id)
+            conn, _ = await store.store_new_grant(
                 session, tenant=tenant, key=key, kind="pat", access_token=pat, refresh_token=None, expires_in=None,
                 granted_scopes=["conversations:read", "teams:read"], connected_by="test",
             )

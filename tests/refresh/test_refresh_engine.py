@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 
-from app import connections, keys, webhooks
-from app.audit import Actor
-from app.models import Connection, ConnectionEvent, WebhookDelivery
-from app.refresh import Snapshot
-from app.tenants import get_tenant
+from app.audit.audit_log import Actor
+from app.connections import store, webhooks
+from app.connections.refresh import Snapshot
+from app.core.models import Connection, ConnectionEvent, WebhookDelivery
+from app.tenants.registry import get_tenant
+from app.vault import tenant_keys
 from tests.support.journeys import connected_tenant, make_api_key
 from tests.support.recorder import Recorder
 
@@ -25,13 +26,13 @@ def auth(key: str) -> dict[str, str]:
 
 async def _conn(runtime, tenant_id) -> Connection:
     async with runtime.db.session() as session:
-        return await connections.get_connection(session, tenant_id)
+        return await store.get_connection(session, tenant_id)
 
 
 async def _tokens(runtime, conn: Connection) -> tuple[str, str | None]:
     async with runtime.db.session() as session:
-        key = await keys.load_data_key(session, runtime.data_keys, conn.tenant_id)
-    return connections.open_access_token(conn, key), connections.open_refresh_token(conn, key)
+        key = await tenant_keys.load_data_key(session, runtime.data_keys, conn.tenant_id)
+    return store.open_access_token(conn, key), store.open_refresh_token(conn, key)
 
 
 async def _expire_in_db(runtime, tenant_id, *, seconds: float = -60) -> None:
@@ -142,11 +143,11 @@ async def test_transient_failures_give_up_after_the_limit(runtime, browser, clie
 
 
 async def test_pat_connections_refresh_with_the_pat_as_bearer(runtime, browser, client_for, upstream):
-    from app import tenants
+    from app.tenants import registry
 
     pat = upstream.controls.issue_pat(301, "conversations:read teams:read")
     async with runtime.db.session() as session:
-        tenant = await tenants.create_tenant(session, keyring=runtime.keyring, slug="pat-refresh", name="P", hipaa=False, actor=Actor.system())
+        tenant = await registry.create_tenant(session, keyring=runtime.keyring, slug="pat-refresh", name="P", hipaa=False, actor=Actor.system())
     await runtime_connect_pat(runtime, tenant, pat)
     key = await make_api_key(runtime, tenants=["pat-refresh"])
     refreshed = await client_for.post("/api/v1/tenants/pat-refresh/connection/refresh", headers=auth(key))
@@ -158,10 +159,10 @@ async def test_pat_connections_refresh_with_the_pat_as_bearer(runtime, browser, 
 
 
 async def runtime_connect_pat(runtime, tenant, pat: str) -> None:
-    from app import connect
+    from app.connections import authorize
 
     async with runtime.db.session() as session:
-        await connect.connect_with_pat(session, runtime, tenant=tenant, token=pat, granted=["conversations:read", "teams:read"],
+        await authorize.connect_with_pat(session, runtime, tenant=tenant, token=pat, granted=["conversations:read", "teams:read"],
                                        actor=Actor.system())
 
 

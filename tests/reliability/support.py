@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import httpx
 from sqlalchemy import select, update
 
-from app import connections, keys
-from app.emulator.control_client import EmulatorControls
-from app.models import Connection, ConnectionEvent
-from app.settings import Settings
+from app.connections import store
+from app.core.models import Connection, ConnectionEvent
+from app.core.settings import Settings
+from app.vault import tenant_keys
+from tests.support.emulator_controls import EmulatorControls
 from tests.support.journeys import CLIENT_ID, CLIENT_SECRET
 from tests.support.processes import Served, clean_env
 from tests.support.tcp_proxy import TcpFaultProxy, free_port
@@ -201,14 +202,14 @@ async def check_row(runtime, tenant_id) -> RowCheck:
     not), its version is 1 plus the refreshes recorded (the row and its event commit together),
     and no lease is left behind by a finished refresh."""
     async with runtime.db.session() as session:
-        conn = await connections.get_connection(session, tenant_id)
+        conn = await store.get_connection(session, tenant_id)
         assert conn is not None
-        key = await keys.load_data_key(session, runtime.data_keys, tenant_id)
+        key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant_id)
         events = list((await session.scalars(
             select(ConnectionEvent.type).where(ConnectionEvent.tenant_id == tenant_id).order_by(ConnectionEvent.id)
         )).all())
-    access = connections.open_access_token(conn, key)
-    refresh = connections.open_refresh_token(conn, key)
+    access = store.open_access_token(conn, key)
+    refresh = store.open_refresh_token(conn, key)
     assert conn.version == 1 + events.count("refreshed"), (conn.version, events)
     if conn.kind == "oauth":
         assert refresh, "an OAuth connection lost its refresh token"

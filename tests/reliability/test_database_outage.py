@@ -190,7 +190,7 @@ async def _is(http: httpx.AsyncClient, url: str, status: int, **kwargs) -> bool:
 
 
 async def _tenant_id(runtime):
-    from app.tenants import get_tenant
+    from app.tenants.registry import get_tenant
 
     async with runtime.db.session() as session:
         return (await get_tenant(session, SLUG)).id

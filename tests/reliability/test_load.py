@@ -28,10 +28,18 @@ import aiohttp
 import httpx
 import pytest
 
-from app.emulator.control_client import EmulatorControls
 from app.main import create_app
 from tests.reliability.support import OUR_5XX, auth, proxy_url, serve_env, serving
-from tests.support.journeys import CLIENT_ID, CLIENT_SECRET, PLAIN_ORG, Browser, connected_tenant, emulator_config, make_api_key
+from tests.support.emulator_controls import EmulatorControls
+from tests.support.journeys import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    PLAIN_ORG,
+    Browser,
+    connected_tenant,
+    emulator_config,
+    make_api_key,
+)
 from tests.support.processes import ROOT, Served, clean_env
 from tests.support.tcp_proxy import free_port
 

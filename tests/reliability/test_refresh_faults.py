@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.models import ConnectionEvent
+from app.core.models import ConnectionEvent
 from tests.reliability.support import (
     CountingProxy,
     EmulatorRefreshesInFlight,

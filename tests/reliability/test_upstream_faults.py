@@ -12,7 +12,14 @@ import uuid
 
 import pytest
 
-from tests.reliability.support import assert_documented_5xx, auth, connected_key, error_code, first_conversation, proxy_url
+from tests.reliability.support import (
+    assert_documented_5xx,
+    auth,
+    connected_key,
+    error_code,
+    first_conversation,
+    proxy_url,
+)
 
 GET = proxy_url("reliable", "conversations?limit=3")
 RETRYABLE = (502, 503, 504)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from starlette.routing import Route
 
-from app.models import Base, User
+from app.core.models import Base, User
 from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
 from tests.support.journeys import (
     PASSWORD,
@@ -22,6 +22,7 @@ from tests.support.journeys import (
     make_tenant,
     make_user,
 )
+
 
 async def table_counts(runtime) -> dict[str, int]:
     async with runtime.db.session() as session:
@@ -94,7 +95,7 @@ async def test_no_open_redirect_after_sign_in(runtime, browser, target):
 async def test_open_redirect_in_the_revoke_form_back_field(runtime, operator):
     await make_tenant(runtime, "victim")
     key = await make_api_key(runtime, tenants=["victim"])
-    from app import api_keys
+    from app.identity import api_keys
 
     async with runtime.db.session() as session:
         row = await api_keys.find_by_prefix(session, api_keys.parse(key))
@@ -290,7 +291,7 @@ async def test_header_injection_and_host_spoofing(runtime, operator, client_for)
 
 
 async def test_log_injection_is_neutralised(runtime, browser):
-    from app.logs import configure_logging
+    from app.core.logs import configure_logging
 
     stream = io.StringIO()
     configure_logging(level="INFO", json_output=True, stream=stream)
@@ -314,8 +315,8 @@ async def test_api_keys_on_the_management_api(runtime, client_for):
         assert answer.status_code == 401 and answer.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
     key = await make_api_key(runtime, operator=True, name="ops")
     assert (await client_for.get(f"/api/v1/tenants?api_key={key}", headers={"Authorization": f"Bearer {key}"})).status_code == 400
-    from app import api_keys
-    from app.audit import Actor
+    from app.audit.audit_log import Actor
+    from app.identity import api_keys
 
     async with runtime.db.session() as session:
         row = await api_keys.find_by_prefix(session, api_keys.parse(key))

@@ -7,9 +7,10 @@ import re
 
 from sqlalchemy import text
 
-from app import connections, keys
-from app.logs import configure_logging
-from app.tenants import get_tenant
+from app.connections import store
+from app.core.logs import configure_logging
+from app.tenants.registry import get_tenant
+from app.vault import tenant_keys
 from tests.support.journeys import (
     CLIENT_SECRET,
     PASSWORD,
@@ -26,10 +27,10 @@ BODY_DASH = "Your appointment moved to 3pm (dashboard send 9182)"
 async def _tokens(runtime, slug: str) -> list[str]:
     async with runtime.db.session() as session:
         tenant = await get_tenant(session, slug)
-        conn = await connections.get_connection(session, tenant.id)
-        key = await keys.load_data_key(session, runtime.data_keys, tenant.id)
-        found = [connections.open_access_token(conn, key)]
-        refresh = connections.open_refresh_token(conn, key)
+        conn = await store.get_connection(session, tenant.id)
+        key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
+        found = [store.open_access_token(conn, key)]
+        refresh = store.open_refresh_token(conn, key)
         return found + ([refresh] if refresh else [])
 
 

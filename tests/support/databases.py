@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from app.migrate import upgrade
-from app.models import Base
+from app.core.migrate import upgrade
+from app.core.models import Base
 
 
 def test_server_url() -> str | None:

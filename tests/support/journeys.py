@@ -13,11 +13,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from app import people, tenants
-from app.audit import Actor
-from app.emulator.config import EmulatorConfig, MessageStatusDelays, OAuthClientConfig, OrgConfig, PatConfig, UserConfig
-from app.models import Tenant, User
+from app.audit.audit_log import Actor
+from app.core.models import Tenant, User
+from app.identity import people
 from app.runtime import Runtime
+from app.tenants import registry
+from salesmsg_emulator.config import (
+    EmulatorConfig,
+    MessageStatusDelays,
+    OAuthClientConfig,
+    OrgConfig,
+    PatConfig,
+    UserConfig,
+)
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 PASSWORD = "correct horse battery staple"
@@ -140,7 +148,7 @@ def query_of(url: str) -> dict[str, str]:
 
 async def make_tenant(runtime: Runtime, slug: str, *, hipaa: bool = True, name: str | None = None) -> Tenant:
     async with runtime.db.session() as session:
-        return await tenants.create_tenant(
+        return await registry.create_tenant(
             session, keyring=runtime.keyring, slug=slug, name=name or slug.title(), hipaa=hipaa, actor=Actor.system()
         )
 
@@ -155,7 +163,7 @@ async def make_user(runtime: Runtime, email: str, *, role: str = "operator", ten
 async def make_api_key(
     runtime: Runtime, *, tenants: list[str] | None = None, read_only: bool = False, operator: bool = False, name: str = "svc"
 ) -> str:
-    from app import api_keys
+    from app.identity import api_keys
 
     async with runtime.db.session() as session:
         _, key = await api_keys.create_api_key(
@@ -165,10 +173,10 @@ async def make_api_key(
 
 
 async def sign_baa(runtime: Runtime, slug: str) -> None:
-    from app import baa
+    from app.tenants import baa
 
     async with runtime.db.session() as session:
-        tenant = await tenants.get_tenant(session, slug)
+        tenant = await registry.get_tenant(session, slug)
         await baa.sign(session, tenant, reference="BAA-TEST", signed_by="op", actor=Actor.system())
 
 

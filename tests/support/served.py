@@ -9,8 +9,8 @@ import time
 import httpx
 import uvicorn
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.support.tcp_proxy import free_port
 
 

@@ -1,0 +1,1 @@
+"""The ``salesmsg-connect`` command line."""

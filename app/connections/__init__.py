@@ -1,0 +1,1 @@
+"""A tenant's connection to Salesmsg: consent, authorization, tokens, refresh, events."""

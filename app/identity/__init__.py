@@ -1,0 +1,1 @@
+"""Who calls us: people and their browser sessions, API keys for internal services."""

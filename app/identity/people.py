@@ -1,0 +1,212 @@
+"""People: operators and org admins, argon2 passwords, rate-limited sign-in, invitations."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.audit import audit_log
+from app.audit.audit_log import Actor
+from app.core.errors import (
+    Conflict,
+    Gone,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    ValidationFailed,
+)
+from app.core.models import Invitation, LoginAttempt, Tenant, User
+
+ROLES = ("operator", "org_admin")
+MIN_PASSWORD = 12
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}")
+
+_hasher = PasswordHasher()  # argon2id with the library's (RFC 9106) defaults
+# Verified when the email is unknown, so a miss costs what a hit costs.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    if not EMAIL.fullmatch(email) or len(email) > 320:
+        raise ValidationFailed("Enter a valid email address.", code="invalid_email", extra={"fields": [{"field": "email", "problem": "invalid"}]})
+    return email
+
+
+def check_password_strength(password: str, *, email: str = "") -> None:
+    if len(password) < MIN_PASSWORD or len(password) > 1024:
+        raise ValidationFailed(
+            f"A password is {MIN_PASSWORD} to 1024 characters.",
+            code="weak_password",
+            extra={"fields": [{"field": "password", "problem": f"at least {MIN_PASSWORD} characters"}]},
+        )
+    if email and email.split("@")[0] in password.lower():
+        raise ValidationFailed("The password must not contain your email name.", code="weak_password")
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def _verify(password_hash: str, password: str) -> bool:
+    def check() -> bool:
+        try:
+            return _hasher.verify(password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    return await asyncio.to_thread(check)
+
+
+async def create_user(
+    session: AsyncSession,
+    *,
+    email: str,
+    password: str,
+    role: str,
+    tenant: Tenant | None = None,
+    name: str = "",
+    actor: Actor,
+    request_id: str | None = None,
+) -> User:
+    if role not in ROLES:
+        raise ValidationFailed("The role is operator or org_admin.", code="invalid_role")
+    if role == "org_admin" and tenant is None:
+        raise ValidationFailed("An org admin belongs to a tenant.", code="tenant_required")
+    if role == "operator" and tenant is not None:
+        raise ValidationFailed("An operator belongs to no tenant.", code="invalid_role")
+    email = normalize_email(email)
+    check_password_strength(password, email=email)
+    if await session.scalar(select(User.id).where(User.email == email)) is not None:
+        raise Conflict("A user with this email exists.", code="user_exists")
+    user = User(
+        id=uuid.uuid4(),
+        email=email,
+        name=" ".join(name.split())[:200],
+        password_hash=await hash_password(password),
+        role=role,
+        tenant_id=tenant.id if tenant else None,
+    )
+    session.add(user)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict("A user with this email exists.", code="user_exists") from exc
+    await audit_log.record(
+        session, "user.create", actor, tenant_id=user.tenant_id, target=email, request_id=request_id,
+        details={"role": role},
+    )
+    return user
+
+
+async def authenticate(
+    session: AsyncSession, *, email: str, password: str, ip: str, limit_per_15_minutes: int
+) -> User:
+    """The user for these credentials; every attempt is recorded and limited by email and by IP."""
+    email = email.strip().lower()[:320]
+    since = datetime.now(UTC) - timedelta(minutes=15)
+    failures = await session.scalar(
+        select(func.count())
+        .select_from(LoginAttempt)
+        .where(LoginAttempt.at >= since, LoginAttempt.succeeded.is_(False))
+        .where(or_(LoginAttempt.email == email, LoginAttempt.ip == ip))
+    )
+    if (failures or 0) >= limit_per_15_minutes:
+        raise RateLimited(
+            "Too many sign-in attempts. Wait 15 minutes and try again.",
+            code="too_many_attempts",
+            headers={"Retry-After": "900"},
+        )
+    user = await session.scalar(select(User).where(User.email == email))
+    ok = await _verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
+    ok = ok and user is not None and user.disabled_at is None
+    session.add(LoginAttempt(email=email, ip=ip[:64], succeeded=ok))
+    # Committed now: a failed attempt must count even though the request ends in an error.
+    await session.commit()
+    if not ok or user is None:
+        raise Unauthorized("The email or password is not right.", code="invalid_credentials")
+    user.last_login_at = datetime.now(UTC)
+    if _hasher.check_needs_rehash(user.password_hash or ""):
+        user.password_hash = await hash_password(password)
+    return user
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return f"{prefix}{secrets.token_urlsafe(32)}"
+
+
+async def invite_org_admin(
+    session: AsyncSession,
+    *,
+    tenant: Tenant,
+    email: str,
+    hours: int,
+    actor: Actor,
+    request_id: str | None = None,
+) -> tuple[Invitation, str]:
+    """An invitation to become the tenant's org admin; the token is returned once."""
+    email = normalize_email(email)
+    if await session.scalar(select(User.id).where(User.email == email)) is not None:
+        raise Conflict("A user with this email exists.", code="user_exists")
+    token = new_token("smc_inv_")
+    invitation = Invitation(
+        token_hash=token_hash(token),
+        tenant_id=tenant.id,
+        email=email,
+        created_by=actor.id or actor.type,
+        expires_at=datetime.now(UTC) + timedelta(hours=hours),
+    )
+    session.add(invitation)
+    await session.flush()
+    await audit_log.record(session, "invitation.create", actor, tenant_id=tenant.id, target=email, request_id=request_id)
+    return invitation, token
+
+
+async def open_invitation(session: AsyncSession, token: str) -> Invitation:
+    invitation = await session.scalar(select(Invitation).where(Invitation.token_hash == token_hash(token)))
+    if invitation is None:
+        raise NotFound("This invitation link is not valid.", code="invitation_invalid")
+    if invitation.accepted_at is not None:
+        raise Gone("This invitation was already used.", code="invitation_used")
+    if invitation.expires_at <= datetime.now(UTC):
+        raise Gone("This invitation has expired; ask for a new one.", code="invitation_expired")
+    return invitation
+
+
+async def accept_invitation(
+    session: AsyncSession, *, token: str, password: str, name: str, request_id: str | None = None
+) -> User:
+    invitation = await open_invitation(session, token)
+    check_password_strength(password, email=invitation.email)
+    claimed = await session.execute(
+        update(Invitation)
+        .where(Invitation.id == invitation.id, Invitation.accepted_at.is_(None))
+        .values(accepted_at=datetime.now(UTC))
+    )
+    if claimed.rowcount != 1:
+        raise Gone("This invitation was already used.", code="invitation_used")
+    tenant = await session.get(Tenant, invitation.tenant_id)
+    return await create_user(
+        session,
+        email=invitation.email,
+        password=password,
+        role="org_admin",
+        tenant=tenant,
+        name=name,
+        actor=Actor("invitation", invitation.email),
+        request_id=request_id,
+    )

@@ -1,0 +1,151 @@
+"""Server-side browser sessions and CSRF tokens.
+
+The cookie holds 256 random bits; the database keeps only their SHA-256. A new id is issued at
+every sign-in (no fixation), sessions end after an idle timeout and an absolute lifetime, and
+the cookie is HttpOnly, SameSite=Lax, and Secure with the ``__Host-`` prefix under https.
+
+Signed-in and connect-link sessions carry a synchronizer CSRF token; forms shown before
+sign-in use a double-submit cookie signed with ``SMC_SESSION_SECRET``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from fastapi import Response
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.models import User, WebSession
+from app.core.settings import Settings
+
+_TOUCH_EVERY = timedelta(seconds=60)
+
+
+def session_cookie_name(settings: Settings) -> str:
+    return "__Host-smc_session" if settings.https else "smc_session"
+
+
+def csrf_cookie_name(settings: Settings) -> str:
+    return "__Host-smc_csrf" if settings.https else "smc_csrf"
+
+
+def _id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def start(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    user: User | None = None,
+    link_tenant_id: uuid.UUID | None = None,
+    replaces: str | None = None,
+) -> tuple[str, WebSession]:
+    """A new session (new id); the one it replaces, if any, is deleted."""
+    if replaces:
+        await session.execute(delete(WebSession).where(WebSession.id == _id(replaces)))
+    token = secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    row = WebSession(
+        id=_id(token),
+        user_id=user.id if user else None,
+        link_tenant_id=link_tenant_id,
+        csrf_token=secrets.token_urlsafe(32),
+        created_at=now,
+        last_seen_at=now,
+        expires_at=now + timedelta(hours=settings.session_absolute_hours),
+    )
+    session.add(row)
+    await session.flush()
+    return token, row
+
+
+async def load(session: AsyncSession, settings: Settings, token: str | None) -> tuple[WebSession, User | None] | None:
+    """The live session for a cookie value, or None (missing, idle too long, or too old)."""
+    if not token or len(token) > 100:
+        return None
+    found = (
+        await session.execute(
+            select(WebSession, User).outerjoin(User, User.id == WebSession.user_id).where(WebSession.id == _id(token))
+        )
+    ).first()
+    if found is None:
+        return None
+    row, user = found
+    now = datetime.now(UTC)
+    idle_deadline = row.last_seen_at + timedelta(minutes=settings.session_idle_minutes)
+    if row.expires_at <= now or idle_deadline <= now or (user is not None and user.disabled_at is not None):
+        await session.delete(row)
+        return None
+    if row.user_id is not None and user is None:  # the user was deleted
+        await session.delete(row)
+        return None
+    if now - row.last_seen_at >= _TOUCH_EVERY:
+        row.last_seen_at = now
+    return row, user
+
+
+async def end(session: AsyncSession, token: str | None) -> None:
+    if token:
+        await session.execute(delete(WebSession).where(WebSession.id == _id(token)))
+
+
+async def end_all_for_user(session: AsyncSession, user_id: uuid.UUID) -> None:
+    await session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+
+
+async def purge_expired(session: AsyncSession) -> int:
+    result = await session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))
+    return result.rowcount or 0
+
+
+def set_session_cookie(response: Response, settings: Settings, token: str) -> None:
+    response.set_cookie(
+        session_cookie_name(settings),
+        token,
+        max_age=settings.session_absolute_hours * 3600,
+        path="/",
+        secure=settings.https,
+        httponly=True,
+        samesite="lax",
+    )
+
+
+def clear_session_cookie(response: Response, settings: Settings) -> None:
+    response.delete_cookie(session_cookie_name(settings), path="/", secure=settings.https, httponly=True, samesite="lax")
+
+
+# CSRF for forms shown before sign-in ----------------------------------------------------
+
+
+def _mac(secret: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), b"smc-csrf|" + nonce.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_anonymous_csrf(settings: Settings) -> str:
+    nonce = secrets.token_urlsafe(24)
+    return f"{nonce}.{_mac(settings.session_secret, nonce)}"
+
+
+def anonymous_csrf_valid(settings: Settings, cookie: str | None, submitted: str | None) -> bool:
+    if not cookie or not submitted or len(cookie) > 200:
+        return False
+    if not hmac.compare_digest(cookie, submitted):
+        return False
+    nonce, _, mac = cookie.partition(".")
+    return bool(nonce) and hmac.compare_digest(mac, _mac(settings.session_secret, nonce))
+
+
+def set_csrf_cookie(response: Response, settings: Settings, value: str) -> None:
+    response.set_cookie(
+        csrf_cookie_name(settings), value, path="/", secure=settings.https, httponly=True, samesite="lax", max_age=3600 * 12
+    )
+
+
+def session_csrf_valid(row: WebSession, submitted: str | None) -> bool:
+    return bool(submitted) and hmac.compare_digest(row.csrf_token, submitted or "")

@@ -1,0 +1,168 @@
+"""A connected org's inbox for the dashboard: conversations, messages, contacts, and sending.
+
+Everything goes through the same gate and upstream call as the REST proxy (``app.upstream``):
+scopes, the BAA rule, fresh tokens, retries of reads only, and the same idempotency records for
+sends. Every PHI view or send is audited, allowed or denied, in the request's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.audit import audit_log
+from app.audit.audit_log import Actor
+from app.connections import scopes
+from app.connections.store import get_connection
+from app.core.errors import AppError, NotFound
+from app.core.models import Tenant
+from app.proxy.endpoint_scopes import resolve
+from app.proxy.idempotency import IdempotencyError, fingerprint
+from app.proxy.upstream import Access, Answer, Refusal, decide
+from app.runtime import Runtime
+from app.vault.tenant_keys import load_data_key
+
+FILTERS = ("open", "closed", "unread", "assigned", "unassigned")
+PAGE_SIZE = 20
+MAX_MESSAGE = 1600
+
+
+class InboxError(AppError):
+    """Salesmsg answered with an error, or could not be reached; shown as a banner."""
+
+
+@dataclass
+class Inbox:
+    runtime: Runtime
+    session: AsyncSession
+    tenant: Tenant
+    actor: Actor
+    request_id: str = ""
+
+    async def access(self) -> Access:
+        return Access.of(self.tenant, await get_connection(self.session, self.tenant.id))
+
+    async def _audit(self, endpoint_scope: str, target: str, outcome: str, details: dict[str, Any]) -> None:
+        if scopes.is_phi(endpoint_scope):
+            await audit_log.record(
+                self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
+                target=target, request_id=self.request_id or None, details={"scope": endpoint_scope, **details},
+            )
+
+    async def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes = b"",
+                    idempotency_key: str | None = None) -> Any:
+        endpoint = resolve(method, path)
+        if endpoint is None:  # pragma: no cover - our own paths are all mapped
+            raise NotFound("Unknown Salesmsg endpoint.", code="unknown_endpoint")
+        target = f"{method} {endpoint.template}"
+        access = await self.access()
+        try:
+            decide(access, endpoint)
+        except Refusal as refusal:
+            await self._audit(endpoint.scope, target, "denied", {"decision": refusal.code})
+            raise
+        key = await load_data_key(self.session, self.runtime.data_keys, self.tenant.id)
+        query = urlencode({k: v for k, v in (params or {}).items() if v not in (None, "")}).encode()
+        headers = {"Accept": "application/json"}
+        if body:
+            headers["Content-Type"] = "application/json"
+
+        async def send() -> Answer:
+            return await self.runtime.upstream.call(
+                access, key, method=method, path=path, query=query, body=body, headers=headers, request_id=self.request_id
+            )
+
+        if idempotency_key is not None:
+            answer = await self._idempotent(access, key, method, path, query, body, idempotency_key, send)
+        else:
+            answer = await send()
+        await self._audit(endpoint.scope, target, "success" if answer.status < 400 else "failure", {"status": answer.status})
+        if answer.status >= 400:
+            raise _error_for(answer)
+        try:
+            return json.loads(answer.body) if answer.body else None
+        except ValueError:
+            raise InboxError("Salesmsg sent an answer we could not read.", code="upstream_malformed", status_code=502) from None
+
+    async def _idempotent(self, access: Access, key, method: str, path: str, query: bytes, body: bytes, idem: str, send) -> Answer:
+        namespaced = f"dashboard:{idem}"
+        try:
+            stored = await self.runtime.idempotency.begin(
+                tenant_id=access.tenant_id, key=namespaced, fp=fingerprint(method, path, query, body), data_key=key
+            )
+        except IdempotencyError as exc:
+            raise InboxError(exc.message, code=exc.code, status_code=exc.status) from None
+        if stored is not None:
+            return Answer(stored.status, [(b"content-type", (stored.content_type or "").encode())], stored.body, True)
+        return await self.runtime.idempotency.run(tenant_id=access.tenant_id, key=namespaced, data_key=key, call=send)
+
+    # -- what the pages ask for ---------------------------------------------------------------
+
+    async def conversations(self, *, filter: str, query: str, page: int) -> list[dict[str, Any]]:
+        params = {"filter": filter, "limit": PAGE_SIZE + 1, "offset": (page - 1) * PAGE_SIZE, "query": query or None}
+        data = await self._call("GET", "conversations", params=params)
+        return [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+
+    async def conversation(self, conversation_id: int) -> dict[str, Any]:
+        data = await self._call("GET", f"conversations/{conversation_id}")
+        if not isinstance(data, dict):
+            raise InboxError("Salesmsg sent an answer we could not read.", code="upstream_malformed", status_code=502)
+        return data
+
+    async def messages(self, conversation_id: int, *, limit: int = 50) -> list[dict[str, Any]]:
+        data = await self._call("GET", f"conversations/{conversation_id}/messages", params={"limit": limit})
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        messages = [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        return sorted(messages, key=lambda m: (str(m.get("created_at") or ""), m.get("id") or 0))
+
+    async def send(self, conversation_id: int, *, text: str, idempotency_key: str) -> dict[str, Any]:
+        body = json.dumps({"message": text}, separators=(",", ":")).encode()
+        data = await self._call("POST", f"conversations/{conversation_id}/send", body=body, idempotency_key=idempotency_key)
+        return data if isinstance(data, dict) else {}
+
+    async def contacts(self, *, search: str, page: int) -> tuple[list[dict[str, Any]], int | None]:
+        data = await self._call("GET", "contacts", params={"search": search or None, "page": page, "length": PAGE_SIZE})
+        rows = data.get("data") if isinstance(data, dict) else data
+        meta = data.get("meta") if isinstance(data, dict) else None
+        last = meta.get("last_page") if isinstance(meta, dict) and isinstance(meta.get("last_page"), int) else None
+        return ([r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []), last
+
+
+def _error_for(answer: Answer) -> InboxError:
+    if answer.status in (502, 503, 504) or answer.status >= 500:
+        return InboxError("Salesmsg is not answering right now. Try again in a moment.", code="upstream_unavailable",
+                          status_code=502)
+    if answer.status == 429:
+        return InboxError("Salesmsg is limiting requests for this organization. Wait a minute and try again.",
+                          code="upstream_rate_limited", status_code=429)
+    if answer.status == 404:
+        return InboxError("Salesmsg has no such item in this organization.", code="upstream_not_found", status_code=404)
+    if answer.status == 422:
+        return InboxError("Salesmsg did not accept this: " + _message_of(answer), code="upstream_rejected", status_code=422)
+    if answer.status in (401, 403):
+        return InboxError("Salesmsg refused this call for the organization's connection.", code="upstream_refused",
+                          status_code=403)
+    return InboxError("Salesmsg refused the request.", code="upstream_error", status_code=502)
+
+
+def _message_of(answer: Answer) -> str:
+    try:
+        body = json.loads(answer.body)
+    except ValueError:
+        return "the message was refused"
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error")
+        if isinstance(message, str):
+            return message[:200]
+    return "the message was refused"
+
+
+def new_form_key() -> str:
+    """One idempotency key per rendered send form: a double submit sends once."""
+    return uuid.uuid4().hex
