@@ -43,5 +43,8 @@ bench: $(VENV)/.installed-test
 	$(PIP) install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 
+# ruff (pyflakes and import order), import-linter (the layers in pyproject.toml), mypy (app and the emulator)
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check app tests bench --select F,E9
+	$(BIN)/ruff check app salesmsg_emulator tests bench migrations
+	$(BIN)/lint-imports
+	$(BIN)/mypy

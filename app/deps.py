@@ -18,13 +18,8 @@ def get_runtime(request: Request) -> Runtime:
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One unit of work per request: committed when the route returns, before the response."""
     runtime: Runtime = request.app.state.runtime
-    async with runtime.db.sessionmaker() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    async with runtime.db.session() as session:
+        yield session
 
 
 def request_id(request: Request) -> str:

@@ -4,28 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from app.audit.writer import AuditWriter
 from app.connections.refresh import Refresher
+from app.connections.webhooks import WebhookSender
 from app.core.db import Database, create_engine
 from app.core.migrate import head_revision
 from app.core.settings import Settings
 from app.identity.key_usage import UsageRecorder
+from app.proxy.grants import GrantLookup
 from app.proxy.handler import Proxy
 from app.proxy.idempotency import Idempotency
 from app.proxy.rate_limits import RateLimits
 from app.proxy.upstream import Upstream
 from app.vault.envelope import DataKeyCache, Keyring
-
-if TYPE_CHECKING:
-    from app.worker import Worker
+from app.worker import Worker
 
 
 def create_http_session(settings: Settings) -> aiohttp.ClientSession:
-    """One pooled session per process for every call to Salesmsg (DESIGN.md: not httpx here)."""
+    """One pooled session per process for every call to Salesmsg (aiohttp: httpx's pool collapses
+    under the proxy's concurrency, docs/architecture.md)."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(
         total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
@@ -56,7 +56,7 @@ class Runtime:
     proxy: Proxy
     upstream: Upstream
     idempotency: Idempotency
-    worker: "Worker | None" = field(default=None)
+    worker: Worker | None = field(default=None)
 
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
@@ -72,7 +72,7 @@ class Runtime:
         idempotency = Idempotency(db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
                                   wait_seconds=settings.salesmsg_timeout_seconds + 5)
         proxy = Proxy(
-            settings=settings, db=db, upstream=upstream, idempotency=idempotency, data_keys=data_keys,
+            settings=settings, grants=GrantLookup(db), upstream=upstream, idempotency=idempotency, data_keys=data_keys,
             audit_writer=audit_writer, usage=usage, rate_limits=rate_limits,
         )
         runtime = cls(
@@ -94,10 +94,7 @@ class Runtime:
         usage.start()
         return runtime
 
-    def new_worker(self) -> "Worker":
-        from app.connections.webhooks import WebhookSender
-        from app.worker import Worker
-
+    def new_worker(self) -> Worker:
         sender = WebhookSender(db=self.db, http=self.http, settings=self.settings, data_keys=self.data_keys)
         return Worker(refresher=self.refresher, webhooks=sender)
 

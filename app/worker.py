@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete
-
+from app.connections import authorize
 from app.connections.refresh import Refresher, refresh_due
 from app.connections.webhooks import WebhookSender
 from app.core.logs import get_logger
-from app.core.models import IdempotencyRecord, LoginAttempt, OAuthState, WebSession
+from app.identity import people, sessions
+from app.proxy import idempotency
 
 log = get_logger(__name__)
 
@@ -41,12 +40,12 @@ class Worker:
                 return total
 
     async def clean_up(self) -> None:
-        now = datetime.now(UTC)
+        """Rows that have served their time: OAuth states, browser sessions, kept answers, sign-in attempts."""
         async with self.db.session() as session:
-            await session.execute(delete(OAuthState).where(OAuthState.expires_at < now - timedelta(days=1)))
-            await session.execute(delete(WebSession).where(WebSession.expires_at < now))
-            await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at < now))
-            await session.execute(delete(LoginAttempt).where(LoginAttempt.at < now - timedelta(days=2)))
+            await authorize.forget_expired_states(session)
+            await sessions.purge_expired(session)
+            await idempotency.forget_expired(session)
+            await people.forget_old_attempts(session)
 
     async def _loop(self, name: str, interval: float, step) -> None:
         while True:

@@ -301,6 +301,7 @@ class World:
 
         from app.core.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
         from app.identity import api_keys
+        from app.kit.tokens import token_hash
         from app.vault.envelope import DataKey, Keyring, new_data_key_material
 
         keyring = Keyring([("bench1", self.master_key)])
@@ -326,7 +327,7 @@ class World:
                 "access_expires_at": None, "version": 1, "refresh_failures": 0, "connected_at": now,
                 "connected_by": "bench", "updated_at": now,
             })
-            rows["api"].append({"id": api_id, "prefix": prefix, "key_hash": api_keys.key_hash(key), "name": f"svc {slug}",
+            rows["api"].append({"id": api_id, "prefix": prefix, "key_hash": token_hash(key), "name": f"svc {slug}",
                                 "all_tenants": False, "read_only": False, "operator": False, "created_by": "bench",
                                 "created_at": now})
             rows["links"].append({"api_key_id": api_id, "tenant_id": tenant_id})

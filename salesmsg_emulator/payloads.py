@@ -22,9 +22,6 @@ from salesmsg_emulator.records import (
 )
 from salesmsg_emulator.state import Store
 
-TERMINAL_STATUSES = frozenset({"delivered", "failed", "undelivered"})
-
-
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -15,6 +15,7 @@ from app.core.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from app.core.models import ApiKey, Tenant
 from app.deps import RuntimeDep, SessionDep
 from app.identity import api_keys
+from app.kit.tokens import hash_matches
 from app.tenants.registry import get_tenant
 
 _KEY_IN_QUERY = re.compile(r"^(api_key|apikey|key|access_token|token)$", re.IGNORECASE)
@@ -54,7 +55,7 @@ async def api_caller(
     if prefix is None:
         raise unauthorized
     key = await api_keys.find_by_prefix(session, prefix)
-    if key is None or key.revoked_at is not None or not api_keys.matches(key.key_hash, presented.strip()):
+    if key is None or key.revoked_at is not None or not hash_matches(key.key_hash, presented.strip()):
         raise unauthorized
     runtime.usage.touch(key.id, key.last_used_at)
     return Caller(key, await api_keys.covered_tenant_ids(session, key))

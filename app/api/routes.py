@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.auth import CallerDep, OperatorDep, WriterDep, tenant_of
 from app.api.schemas import (
@@ -29,14 +30,20 @@ from app.api.schemas import (
     TenantUpdated,
 )
 from app.audit import audit_log
-from app.connections import authorize, events, store, webhooks
+from app.connections import events, links, store, transitions, webhooks
+from app.connections.refresh import ConnectionNeedsReauth, NotConnected
+from app.connections.view import ACTIVE, NEEDS_REAUTH
 from app.core.errors import NotFound, ValidationFailed
-from app.core.models import ConnectionEvent
+from app.core.models import ConnectionEvent, Tenant
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.tenants import baa, registry
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
 TenantRef = Annotated[str, "tenant id or slug"]
+
+
+async def _tenant_out(session: AsyncSession, tenant: Tenant) -> TenantOut:
+    return TenantOut.of(tenant, await store.get_connection(session, tenant.id))
 
 
 @router.get("/tenants", response_model=TenantPageOut, tags=["tenants"], summary="List tenants the key covers")
@@ -66,7 +73,7 @@ async def create_tenant(
 @router.get("/tenants/{tenant}", response_model=TenantOut, tags=["tenants"], summary="Get a tenant by id or slug")
 async def get_tenant(tenant: TenantRef, session: SessionDep, caller: CallerDep) -> TenantOut:
     row = await tenant_of(session, caller, tenant)
-    return TenantOut.of(row, await store.get_connection(session, row.id))
+    return await _tenant_out(session, row)
 
 
 @router.patch("/tenants/{tenant}", response_model=TenantUpdated, tags=["tenants"],
@@ -81,7 +88,7 @@ async def update_tenant(
     if body.webhook_url is not None:
         secret = await webhooks.set_webhook(session, runtime.data_keys, row, url=body.webhook_url or None,
                                             actor=caller.actor, request_id=request_id)
-    out = TenantOut.of(row, await store.get_connection(session, row.id))
+    out = await _tenant_out(session, row)
     return TenantUpdated(**out.model_dump(), webhook_secret=secret)
 
 
@@ -99,7 +106,7 @@ async def set_hipaa(
 ) -> TenantOut:
     row = await tenant_of(session, caller, tenant, for_update=True)
     await registry.set_hipaa(session, row, hipaa=body.hipaa, actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await store.get_connection(session, row.id))
+    return await _tenant_out(session, row)
 
 
 @router.post("/tenants/{tenant}/baa", response_model=TenantOut, tags=["hipaa"], summary="Record the BAA as signed (operator key)")
@@ -109,7 +116,7 @@ async def sign_baa(
     row = await tenant_of(session, caller, tenant, for_update=True)
     await baa.sign(session, row, reference=body.reference, note=body.note, signed_by=f"api key {caller.key.name}",
                    actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await store.get_connection(session, row.id))
+    return await _tenant_out(session, row)
 
 
 @router.post("/tenants/{tenant}/baa/revoke", response_model=TenantOut, tags=["hipaa"],
@@ -119,7 +126,7 @@ async def revoke_baa(
 ) -> TenantOut:
     row = await tenant_of(session, caller, tenant, for_update=True)
     await baa.revoke(session, row, reason=body.reason, actor=caller.actor, request_id=request_id)
-    return TenantOut.of(row, await store.get_connection(session, row.id))
+    return await _tenant_out(session, row)
 
 
 @router.get("/tenants/{tenant}/connection", response_model=ConnectionOut, tags=["connections"],
@@ -134,10 +141,8 @@ async def get_connection(tenant: TenantRef, session: SessionDep, caller: CallerD
 async def force_refresh(tenant: TenantRef, session: SessionDep, runtime: RuntimeDep, caller: WriterDep) -> ConnectionOut:
     row = await tenant_of(session, caller, tenant)
     conn = await store.require_connection(session, row.id)
-    if conn.status != store.ACTIVE:
-        from app.connections.refresh import ConnectionNeedsReauth, NotConnected
-
-        raise ConnectionNeedsReauth() if conn.status == store.NEEDS_REAUTH else NotConnected()
+    if conn.status != ACTIVE:
+        raise ConnectionNeedsReauth() if conn.status == NEEDS_REAUTH else NotConnected()
     await runtime.refresher.force_refresh(conn.id, seen_version=conn.version)
     await session.refresh(conn)
     return ConnectionOut.of(conn, row)
@@ -147,7 +152,7 @@ async def force_refresh(tenant: TenantRef, session: SessionDep, runtime: Runtime
                summary="Disconnect: the tokens are destroyed")
 async def disconnect(tenant: TenantRef, session: SessionDep, caller: WriterDep, request_id: RequestIdDep) -> ConnectionOut:
     row = await tenant_of(session, caller, tenant)
-    conn = await store.disconnect(session, tenant=row, actor=caller.actor, request_id=request_id)
+    conn = await transitions.disconnected(session, tenant=row, actor=caller.actor, request_id=request_id)
     return ConnectionOut.of(conn, row)
 
 
@@ -157,7 +162,7 @@ async def create_connect_link(
     tenant: TenantRef, session: SessionDep, runtime: RuntimeDep, caller: WriterDep, request_id: RequestIdDep
 ) -> ConnectLinkOut:
     row = await tenant_of(session, caller, tenant)
-    link, token = await authorize.create_connect_link(
+    link, token = await links.create_connect_link(
         session, tenant=row, hours=runtime.settings.connect_link_hours, actor=caller.actor, request_id=request_id
     )
     return ConnectLinkOut(url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at)

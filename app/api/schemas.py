@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.connections import scopes
+from app.connections import policy, scopes
 from app.core.models import Connection, ConnectionEvent, Tenant
 
 Slug = Annotated[str, StringConstraints(min_length=2, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")]
@@ -53,10 +53,9 @@ class ConnectionOut(BaseModel):
     @classmethod
     def of(cls, conn: Connection, tenant: Tenant) -> "ConnectionOut":
         granted = scopes.parse(conn.scopes)
-        usable = granted if conn.kind == "pat" else sorted(scopes.usable(granted, phi_allowed=tenant.phi_allowed))
         return cls(
             id=str(conn.id), status=conn.status, kind=conn.kind, needs_reauth=conn.status == "needs_reauth",
-            scopes=granted, usable_scopes=[s for s in granted if s in usable], access_expires_at=conn.access_expires_at,
+            scopes=granted, usable_scopes=policy.usable_scopes(conn.scopes, tenant=tenant, kind=conn.kind), access_expires_at=conn.access_expires_at,
             last_refresh_at=conn.last_refresh_at, refresh_failures=conn.refresh_failures, last_error=conn.last_error,
             connected_at=conn.connected_at, salesmsg_org=conn.salesmsg_org,
         )

@@ -73,9 +73,9 @@ def _canonical(prev_hash: str, *, at: datetime, actor_type: str, actor_id: str |
 
 def entry_hash(prev_hash: str, entry: AuditEntry | AuditRecord) -> str:
     if isinstance(entry, AuditRecord):
-        fields = dict(actor_type=entry.actor.type, actor_id=entry.actor.id)
+        actor_type, actor_id = entry.actor.type, entry.actor.id
     else:
-        fields = dict(actor_type=entry.actor_type, actor_id=entry.actor_id)
+        actor_type, actor_id = entry.actor_type, entry.actor_id
     return hashlib.sha256(
         _canonical(
             prev_hash,
@@ -86,7 +86,8 @@ def entry_hash(prev_hash: str, entry: AuditEntry | AuditRecord) -> str:
             outcome=entry.outcome,
             request_id=entry.request_id,
             details=entry.details or {},
-            **fields,
+            actor_type=actor_type,
+            actor_id=actor_id,
         )
     ).hexdigest()
 

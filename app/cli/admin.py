@@ -2,63 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from getpass import getpass
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
 
 from app.audit import audit_log
-from app.audit.audit_log import Actor
-from app.core.errors import AppError
+from app.cli.environment import CLI_ACTOR, emit, run
 from app.identity import api_keys, people
 from app.runtime import Runtime
 from app.tenants import registry
 from app.vault import tenant_keys
-
-T = TypeVar("T")
 
 tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants (one per customer org).")
 user_cli = typer.Typer(no_args_is_help=True, help="People who sign in to the dashboard.")
 keys_cli = typer.Typer(no_args_is_help=True, help="Master keys and tenant data keys.")
 audit_cli = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
 api_key_cli = typer.Typer(no_args_is_help=True, help="API keys for internal services.")
-
-CLI_ACTOR = Actor("cli", "cli")
-
-
-@asynccontextmanager
-async def cli_runtime() -> AsyncIterator[Runtime]:
-    from app.cli.main import load_settings
-
-    runtime = await Runtime.start(load_settings(check_secure=False))
-    try:
-        yield runtime
-    finally:
-        await runtime.stop()
-
-
-def run(fn: Callable[[Runtime], Awaitable[T]]) -> T:
-    """Run one async command against the configured database; AppErrors become clean exits."""
-
-    async def main() -> T:
-        async with cli_runtime() as runtime:
-            return await fn(runtime)
-
-    try:
-        return asyncio.run(main())
-    except AppError as exc:
-        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-
-
-def emit(data: Any, as_json: bool, text: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else text)
-
 
 def tenant_dict(tenant, connection=None) -> dict[str, Any]:
     return {

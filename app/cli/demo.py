@@ -93,18 +93,24 @@ async def seed(settings: Settings) -> str:
         await runtime.stop()
 
 
+def _form_field(name: str, html: str, page: str) -> str:
+    found = re.search(rf'name="{name}" value="([^"]+)"', html)
+    if found is None:
+        raise RuntimeError(f"the {page} page carries no {name}")
+    return found.group(1)
+
+
 def connect_through_oauth(app_url: str, slug: str, user_id: int) -> None:
     """What a person does in the browser: sign in, tick scopes, approve at Salesmsg, come back."""
-    csrf = re.compile(r'name="csrf_token" value="([^"]+)"')
     with httpx.Client(base_url=app_url, timeout=20) as app, httpx.Client(timeout=20) as salesmsg:
         page = app.get("/login")
-        app.post("/login", data={"csrf_token": csrf.search(page.text).group(1), "email": OPERATOR[0], "password": OPERATOR[1]})
+        app.post("/login", data={"csrf_token": _form_field("csrf_token", page.text, "sign-in"), "email": OPERATOR[0], "password": OPERATOR[1]})
         consent = app.get(f"/t/{slug}/connect")
-        started = app.post(f"/t/{slug}/connect", data={"csrf_token": csrf.search(consent.text).group(1), "scope": SCOPES})
+        started = app.post(f"/t/{slug}/connect", data={"csrf_token": _form_field("csrf_token", consent.text, "consent"), "scope": SCOPES})
         if started.status_code != 303:
             raise RuntimeError(f"consent refused: {started.status_code}")
         approve_page = salesmsg.get(started.headers["location"])
-        request_id = re.search(r'name="request_id" value="([^"]+)"', approve_page.text).group(1)
+        request_id = _form_field("request_id", approve_page.text, "Salesmsg approve")
         decision_url = started.headers["location"].split("/auth/oauth")[0] + "/auth/oauth/decision"
         decided = salesmsg.post(decision_url, data={"request_id": request_id, "user_id": str(user_id), "decision": "approve"})
         callback = httpx.URL(decided.headers["location"])
@@ -119,7 +125,6 @@ def _serve_in_thread(settings: Settings, port: int) -> tuple[uvicorn.Server, thr
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                             log_config=None, access_log=False, server_header=False)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the demo handles signals
     thread = threading.Thread(target=server.run, daemon=True, name="app")
     thread.start()
     return server, thread

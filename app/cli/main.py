@@ -4,49 +4,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
 from app import __version__
-from app.core.settings import InsecureSettingsError, Settings
+from app.cli.admin import api_key_cli, audit_cli, keys_cli, tenant_cli, user_cli
+from app.cli.environment import fail, load_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Salesmsg Connect")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 cli.add_typer(db_cli, name="db")
 
 
-def _register_admin_commands() -> None:
-    from app.cli.admin import api_key_cli, audit_cli, keys_cli, tenant_cli, user_cli
-
-    cli.add_typer(tenant_cli, name="tenant")
-    cli.add_typer(user_cli, name="user")
-    cli.add_typer(keys_cli, name="keys")
-    cli.add_typer(audit_cli, name="audit")
-    cli.add_typer(api_key_cli, name="api-key")
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def load_settings(*, check_secure: bool = True, **overrides: object) -> Settings:
-    """Settings from the environment; a clear message (not a traceback) when they are wrong."""
-    try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"SMC_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
-        )
-        fail(f"invalid settings: {problems}", 2)
-    if check_secure:
-        try:
-            settings.check_secure()
-        except InsecureSettingsError as exc:
-            fail(str(exc))
-    return settings
+cli.add_typer(tenant_cli, name="tenant")
+cli.add_typer(user_cli, name="user")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(audit_cli, name="audit")
+cli.add_typer(api_key_cli, name="api-key")
 
 
 @cli.command()
@@ -182,7 +157,6 @@ def emulator(
     serve_emulator(host=host, port=port, config_path=config)
 
 
-_register_admin_commands()
 
 
 def main() -> None:

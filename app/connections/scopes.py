@@ -1,4 +1,4 @@
-"""Salesmsg's scope catalogue, which scopes touch PHI, and the rules for asking for them.
+"""Salesmsg's scope catalogue and which scopes touch PHI (the rules for them: ``policy``).
 
 Pure: no database, no I/O. The catalogue is Salesmsg's scope table plus ``calls:read`` and
 ``recordings:read/write``, which its PHI list names though the table does not.
@@ -95,15 +95,6 @@ ALL_SCOPES: frozenset[str] = frozenset(CATALOGUE)
 assert PHI_SCOPES <= ALL_SCOPES
 
 
-class ScopeError(ValueError):
-    """A requested scope set breaks a rule; ``code`` is the stable error code."""
-
-    def __init__(self, code: str, message: str, scopes: Iterable[str] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.scopes = sorted(scopes)
-
-
 def parse(raw: str | Iterable[str] | None) -> list[str]:
     """Split a space- or comma-separated scope string, keeping catalogue order, no duplicates."""
     if raw is None:
@@ -120,33 +111,6 @@ def format_scopes(scopes: Iterable[str]) -> str:
 
 def is_phi(scope: str) -> bool:
     return scope in PHI_SCOPES
-
-
-def validate_request(requested: Iterable[str], *, phi_allowed: bool) -> list[str]:
-    """The scopes a tenant may ask for: known, at least one, no PHI unless PHI is allowed.
-
-    ``phi_allowed`` must come from the database's current tenant state, never from input.
-    """
-    scopes = parse(list(requested))
-    unknown = [s for s in scopes if s not in ALL_SCOPES]
-    if unknown:
-        raise ScopeError("unknown_scope", "Unknown scope: " + ", ".join(unknown), unknown)
-    if not scopes:
-        raise ScopeError("no_scope", "Choose at least one scope.")
-    phi = [s for s in scopes if s in PHI_SCOPES]
-    if phi and not phi_allowed:
-        raise ScopeError(
-            "baa_required",
-            "PHI scopes need a signed Business Associate Agreement for this HIPAA organization: "
-            + ", ".join(phi),
-            phi,
-        )
-    return scopes
-
-
-def usable(granted: Iterable[str], *, phi_allowed: bool) -> frozenset[str]:
-    """Granted scopes that may be used right now (PHI ones drop out while the BAA is unsigned)."""
-    return frozenset(s for s in granted if phi_allowed or s not in PHI_SCOPES)
 
 
 @dataclass(frozen=True, slots=True)

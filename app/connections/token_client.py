@@ -45,6 +45,11 @@ class TokenEndpointError(Exception):
     def transient(self) -> bool:
         return self.kind == "transient"
 
+    @property
+    def reason(self) -> str:
+        """What connection events and ``last_error`` record: the OAuth error, else the status."""
+        return self.error or str(self.status)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenResponse:
@@ -191,3 +196,19 @@ async def refresh_pat(http: aiohttp.ClientSession, settings: Settings, *, token:
         timeout=timeout,
         headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
     )
+
+
+async def get_with_token(
+    http: aiohttp.ClientSession, settings: Settings, path: str, *, token: str, timeout: float
+) -> tuple[int | None, bytes]:
+    """One GET of the Public API with a token outside the proxy (who connected, whether a pasted
+    PAT works): the status and body, or (None, b"") when Salesmsg cannot be reached."""
+    try:
+        async with http.get(
+            settings.salesmsg_api_base + path,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False, auto_decompress=True,
+        ) as resp:
+            return resp.status, await resp.read()
+    except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a token no header can carry
+        return None, b""

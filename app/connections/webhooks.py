@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import random
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from app.core.logs import get_logger
 from app.core.metrics import WEBHOOKS
 from app.core.models import ConnectionEvent, Tenant, WebhookDelivery
 from app.core.settings import Settings
+from app.kit.backoff import jittered
 from app.vault.envelope import DataKeyCache
 from app.vault.tenant_keys import data_key_for, load_data_key
 
@@ -86,10 +86,6 @@ class WebhookSender:
         self.http = http
         self.settings = settings
         self.data_keys = data_keys
-
-    def backoff(self, attempts: int) -> float:
-        ceiling = min(3600.0, 2.0 * 2 ** (attempts - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
     async def deliver_due(self, *, limit: int = 50) -> int:
         """Send the deliveries that are due; returns how many were attempted."""
@@ -144,7 +140,7 @@ class WebhookSender:
                 delivery.status = "failed"
                 WEBHOOKS.labels("failed").inc()
             else:
-                delivery.next_attempt_at = datetime.now(UTC) + timedelta(seconds=self.backoff(delivery.attempts))
+                delivery.next_attempt_at = datetime.now(UTC) + timedelta(seconds=jittered(delivery.attempts, base=2.0, cap=3600.0))
                 WEBHOOKS.labels("retry").inc()
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:

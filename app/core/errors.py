@@ -7,6 +7,7 @@ request id and answered with a generic 500 that names that id.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlencode
 
@@ -107,8 +108,11 @@ class UpstreamError(AppError):
     status_code, code, message, title = 502, "upstream_unavailable", "Salesmsg could not be reached.", "Salesmsg unavailable"
 
 
-class UpstreamTimeout(UpstreamError):
-    status_code, code, message = 504, "upstream_timeout", "Salesmsg did not answer in time."
+class Refusal(AppError):
+    """A refusal with its status given where it is raised (the proxy's rules, the HIPAA gate)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code, status_code=status, headers=headers)
 
 
 def wants_json(path: str) -> bool:
@@ -117,6 +121,11 @@ def wants_json(path: str) -> bool:
 
 def error_body(code: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **(extra or {})}}
+
+
+def error_json(code: str, message: str) -> bytes:
+    """``error_body`` as compact JSON bytes, for the plain-ASGI proxy."""
+    return json.dumps(error_body(code, message), separators=(",", ":")).encode()
 
 
 def render_error(

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import structlog
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,14 +63,9 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _SAFE_REQUEST_ID.fullmatch(candidate):
-                    request_id = candidate
-                break
-        if not request_id:
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id", "")
+        if not _SAFE_REQUEST_ID.fullmatch(request_id):
             request_id = secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()
@@ -93,7 +89,7 @@ class RequestContextMiddleware:
 
         proxied = _is_proxy(scope["path"])
         if not proxied:  # the proxy enforces its own, larger limit
-            declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            declared = headers.get("content-length")
             too_large = declared is not None and (not declared.isdigit() or int(declared) > self.max_body)
             if declared is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
                 try:  # chunked: read it now, up to the limit
@@ -132,7 +128,7 @@ class RequestContextMiddleware:
             log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(elapsed * 1000, 2))
 
 
-_PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # app.proxy.ROUTE; the rest of the path is the proxy's
+_PROXY_PATH = re.compile(r"/api/v1/tenants/[^/]+/proxy/")  # app.proxy.handler.ROUTE; the rest of the path is the proxy's
 
 
 def _is_proxy(path: str) -> bool:

@@ -96,11 +96,6 @@ class Tenant(Base):
     def baa_signed(self) -> bool:
         return self.baa_signed_at is not None
 
-    @property
-    def phi_allowed(self) -> bool:
-        """PHI scopes and endpoints are open: not HIPAA, or HIPAA with a signed BAA."""
-        return not self.hipaa or self.baa_signed_at is not None
-
 
 class TenantKey(Base):
     """A tenant's data key, wrapped by a master key. Deleting the row shreds the tenant's tokens."""
@@ -251,10 +246,6 @@ class Connection(Base):
     connected_by: Mapped[str | None] = mapped_column(String(320))
     disconnected_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-
-    @property
-    def scope_set(self) -> frozenset[str]:
-        return frozenset(self.scopes.split())
 
 
 class ConnectionEvent(Base):

@@ -21,4 +21,3 @@ HOME = _home()
 TEMPLATES_DIR = HOME / "templates"
 STATIC_DIR = HOME / "static"
 MIGRATIONS_DIR = HOME / "migrations"
-ALEMBIC_INI = HOME / "alembic.ini"

@@ -7,8 +7,6 @@ key may also manage tenants, HIPAA flags and BAAs. Revocation takes effect on th
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
 import uuid
@@ -21,24 +19,17 @@ from app.audit import audit_log
 from app.audit.audit_log import Actor
 from app.core.errors import Conflict, NotFound, ValidationFailed
 from app.core.models import ApiKey, ApiKeyTenant, Tenant
+from app.kit.tokens import token_hash
 from app.tenants.registry import get_tenant
 
 KEY_FORMAT = re.compile(r"smc_live_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{43})")
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def parse(presented: str) -> str | None:
     """The lookup prefix of a well-formed key, else None."""
     found = KEY_FORMAT.fullmatch(presented)
     return found.group(1) if found else None
-
-
-def matches(stored_hash: str, presented: str) -> bool:
-    return hmac.compare_digest(stored_hash, key_hash(presented))
 
 
 def new_key() -> tuple[str, str]:
@@ -75,7 +66,7 @@ async def create_api_key(
     row = ApiKey(
         id=uuid.uuid4(),
         prefix=prefix,
-        key_hash=key_hash(key),
+        key_hash=token_hash(key),
         name=name,
         all_tenants=tenant_refs is None,
         read_only=read_only,

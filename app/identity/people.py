@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import secrets
 import uuid
@@ -11,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +25,8 @@ from app.core.errors import (
     ValidationFailed,
 )
 from app.core.models import Invitation, LoginAttempt, Tenant, User
+from app.kit.single_use import spend
+from app.kit.tokens import new_token, token_hash
 
 ROLES = ("operator", "org_admin")
 MIN_PASSWORD = 12
@@ -141,14 +142,6 @@ async def authenticate(
     return user
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_token(prefix: str) -> str:
-    return f"{prefix}{secrets.token_urlsafe(32)}"
-
-
 async def invite_org_admin(
     session: AsyncSession,
     *,
@@ -192,12 +185,7 @@ async def accept_invitation(
 ) -> User:
     invitation = await open_invitation(session, token)
     check_password_strength(password, email=invitation.email)
-    claimed = await session.execute(
-        update(Invitation)
-        .where(Invitation.id == invitation.id, Invitation.accepted_at.is_(None))
-        .values(accepted_at=datetime.now(UTC))
-    )
-    if claimed.rowcount != 1:
+    if not await spend(session, Invitation.accepted_at, invitation.id):
         raise Gone("This invitation was already used.", code="invitation_used")
     tenant = await session.get(Tenant, invitation.tenant_id)
     return await create_user(
@@ -210,3 +198,8 @@ async def accept_invitation(
         actor=Actor("invitation", invitation.email),
         request_id=request_id,
     )
+
+
+async def forget_old_attempts(session: AsyncSession, *, older_than: timedelta = timedelta(days=2)) -> None:
+    """Sign-in attempts count for 15 minutes; the worker drops them after ``older_than``."""
+    await session.execute(delete(LoginAttempt).where(LoginAttempt.at < datetime.now(UTC) - older_than))

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.models import User, WebSession
 from app.core.settings import Settings
+from app.kit.tokens import token_hash
 
 _TOUCH_EVERY = timedelta(seconds=60)
 
@@ -34,10 +35,6 @@ def csrf_cookie_name(settings: Settings) -> str:
     return "__Host-smc_csrf" if settings.https else "smc_csrf"
 
 
-def _id(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 async def start(
     session: AsyncSession,
     settings: Settings,
@@ -48,11 +45,11 @@ async def start(
 ) -> tuple[str, WebSession]:
     """A new session (new id); the one it replaces, if any, is deleted."""
     if replaces:
-        await session.execute(delete(WebSession).where(WebSession.id == _id(replaces)))
+        await session.execute(delete(WebSession).where(WebSession.id == token_hash(replaces)))
     token = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
     row = WebSession(
-        id=_id(token),
+        id=token_hash(token),
         user_id=user.id if user else None,
         link_tenant_id=link_tenant_id,
         csrf_token=secrets.token_urlsafe(32),
@@ -71,7 +68,7 @@ async def load(session: AsyncSession, settings: Settings, token: str | None) -> 
         return None
     found = (
         await session.execute(
-            select(WebSession, User).outerjoin(User, User.id == WebSession.user_id).where(WebSession.id == _id(token))
+            select(WebSession, User).outerjoin(User, User.id == WebSession.user_id).where(WebSession.id == token_hash(token))
         )
     ).first()
     if found is None:
@@ -92,16 +89,12 @@ async def load(session: AsyncSession, settings: Settings, token: str | None) -> 
 
 async def end(session: AsyncSession, token: str | None) -> None:
     if token:
-        await session.execute(delete(WebSession).where(WebSession.id == _id(token)))
+        await session.execute(delete(WebSession).where(WebSession.id == token_hash(token)))
 
 
-async def end_all_for_user(session: AsyncSession, user_id: uuid.UUID) -> None:
-    await session.execute(delete(WebSession).where(WebSession.user_id == user_id))
-
-
-async def purge_expired(session: AsyncSession) -> int:
-    result = await session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))
-    return result.rowcount or 0
+async def purge_expired(session: AsyncSession) -> None:
+    """Sessions past their absolute lifetime (``load`` already refuses them); the worker drops them."""
+    await session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))
 
 
 def set_session_cookie(response: Response, settings: Settings, token: str) -> None:

@@ -98,6 +98,3 @@ def resolve(method: str, path: str) -> Endpoint | None:
             return Endpoint(f"{family}:{access}", _template(segments))
     return None
 
-
-def families() -> set[str]:
-    return {family for _, family in _FAMILIES}

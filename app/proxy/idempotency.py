@@ -19,29 +19,26 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.db import Database
+from app.core.errors import Refusal
 from app.core.logs import get_logger
 from app.core.models import IdempotencyRecord
+from app.proxy.upstream import Answer
 from app.vault.envelope import DataKey
-
-if TYPE_CHECKING:
-    from app.proxy.upstream import Answer
 
 log = get_logger(__name__)
 KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_SECONDS = 0.05
 
 
-class IdempotencyError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+class IdempotencyError(Refusal):
+    """The key was used for another request (422), or its first request is still running (409)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +46,13 @@ class Stored:
     status: int
     content_type: str | None
     body: bytes
+
+    def answer(self) -> Answer:
+        """The kept answer, marked as a replay."""
+        headers = [(b"idempotent-replayed", b"true")]
+        if self.content_type:
+            headers.append((b"content-type", self.content_type.encode()))
+        return Answer(self.status, headers, self.body, True)
 
 
 def valid_key(value: str) -> bool:
@@ -120,6 +124,15 @@ class Idempotency:
                 .execution_options(synchronize_session=False)
             )
 
+    async def once(
+        self, *, tenant_id: uuid.UUID, key: str, fp: str, data_key: DataKey, call: Callable[[], Awaitable[Answer]]
+    ) -> tuple[Answer, bool]:
+        """The answer for this key: the kept one and True on a repeat, else ``call()``'s and False."""
+        stored = await self.begin(tenant_id=tenant_id, key=key, fp=fp, data_key=data_key)
+        if stored is not None:
+            return stored.answer(), True
+        return await self.run(tenant_id=tenant_id, key=key, data_key=data_key, call=call), False
+
     async def run(self, *, tenant_id: uuid.UUID, key: str, data_key: DataKey, call: Callable[[], Awaitable[Answer]]) -> Answer:
         """Having gone first (``begin`` returned None): call Salesmsg and keep the answer.
 
@@ -176,3 +189,8 @@ class Idempotency:
                     IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key, IdempotencyRecord.state == "pending"
                 )
             )
+
+
+async def forget_expired(session: AsyncSession) -> None:
+    """Kept answers live ``SMC_IDEMPOTENCY_TTL_HOURS``; the worker drops them after that."""
+    await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at < datetime.now(UTC)))

@@ -1,6 +1,6 @@
 """A connected org's inbox for the dashboard: conversations, messages, contacts, and sending.
 
-Everything goes through the same gate and upstream call as the REST proxy (``app.upstream``):
+Everything goes through the same gate (``connections.policy``) and upstream call as the REST proxy:
 scopes, the BAA rule, fresh tokens, retries of reads only, and the same idempotency records for
 sends. Every PHI view or send is audited, allowed or denied, in the request's transaction.
 """
@@ -17,14 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import audit_log
 from app.audit.audit_log import Actor
-from app.connections import scopes
+from app.connections import policy, scopes
 from app.connections.store import get_connection
-from app.core.errors import AppError, NotFound
+from app.connections.view import TenantAccess
+from app.core.errors import AppError, NotFound, Refusal
 from app.core.models import Tenant
 from app.proxy.endpoint_scopes import resolve
-from app.proxy.idempotency import IdempotencyError, fingerprint
-from app.proxy.upstream import Access, Answer, Refusal, decide
-from app.runtime import Runtime
+from app.proxy.idempotency import Idempotency, fingerprint
+from app.proxy.upstream import Answer, Upstream
+from app.vault.envelope import DataKeyCache
 from app.vault.tenant_keys import load_data_key
 
 FILTERS = ("open", "closed", "unread", "assigned", "unassigned")
@@ -36,16 +37,20 @@ class InboxError(AppError):
     """Salesmsg answered with an error, or could not be reached; shown as a banner."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Inbox:
-    runtime: Runtime
+    """One tenant's inbox, for one request of the dashboard."""
+
+    upstream: Upstream
+    idempotency: Idempotency
+    data_keys: DataKeyCache
     session: AsyncSession
     tenant: Tenant
     actor: Actor
     request_id: str = ""
 
-    async def access(self) -> Access:
-        return Access.of(self.tenant, await get_connection(self.session, self.tenant.id))
+    async def access(self) -> TenantAccess:
+        return TenantAccess.of(self.tenant, await get_connection(self.session, self.tenant.id))
 
     async def _audit(self, endpoint_scope: str, target: str, outcome: str, details: dict[str, Any]) -> None:
         if scopes.is_phi(endpoint_scope):
@@ -62,23 +67,28 @@ class Inbox:
         target = f"{method} {endpoint.template}"
         access = await self.access()
         try:
-            decide(access, endpoint)
+            policy.decide(access, endpoint.scope)
         except Refusal as refusal:
             await self._audit(endpoint.scope, target, "denied", {"decision": refusal.code})
             raise
-        key = await load_data_key(self.session, self.runtime.data_keys, self.tenant.id)
+        assert access.connection is not None  # the gate refuses a missing connection
+        conn = access.connection
+        key = await load_data_key(self.session, self.data_keys, self.tenant.id)
         query = urlencode({k: v for k, v in (params or {}).items() if v not in (None, "")}).encode()
         headers = {"Accept": "application/json"}
         if body:
             headers["Content-Type"] = "application/json"
 
         async def send() -> Answer:
-            return await self.runtime.upstream.call(
-                access, key, method=method, path=path, query=query, body=body, headers=headers, request_id=self.request_id
+            return await self.upstream.call(
+                conn, key, method=method, path=path, query=query, body=body, headers=headers, request_id=self.request_id
             )
 
         if idempotency_key is not None:
-            answer = await self._idempotent(access, key, method, path, query, body, idempotency_key, send)
+            answer, _ = await self.idempotency.once(
+                tenant_id=self.tenant.id, key=f"dashboard:{idempotency_key}", fp=fingerprint(method, path, query, body),
+                data_key=key, call=send,
+            )
         else:
             answer = await send()
         await self._audit(endpoint.scope, target, "success" if answer.status < 400 else "failure", {"status": answer.status})
@@ -88,18 +98,6 @@ class Inbox:
             return json.loads(answer.body) if answer.body else None
         except ValueError:
             raise InboxError("Salesmsg sent an answer we could not read.", code="upstream_malformed", status_code=502) from None
-
-    async def _idempotent(self, access: Access, key, method: str, path: str, query: bytes, body: bytes, idem: str, send) -> Answer:
-        namespaced = f"dashboard:{idem}"
-        try:
-            stored = await self.runtime.idempotency.begin(
-                tenant_id=access.tenant_id, key=namespaced, fp=fingerprint(method, path, query, body), data_key=key
-            )
-        except IdempotencyError as exc:
-            raise InboxError(exc.message, code=exc.code, status_code=exc.status) from None
-        if stored is not None:
-            return Answer(stored.status, [(b"content-type", (stored.content_type or "").encode())], stored.body, True)
-        return await self.runtime.idempotency.run(tenant_id=access.tenant_id, key=namespaced, data_key=key, call=send)
 
     # -- what the pages ask for ---------------------------------------------------------------
 

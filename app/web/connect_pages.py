@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
-from app.connections import authorize, scopes, store
+from app.connections import authorize, links, pat, policy, scopes, store, transitions
 from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.identity import sessions
@@ -21,7 +21,7 @@ async def open_connect_link(
     token: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
 ) -> Response:
     """Spend the link once and turn it into a browser session bound to its tenant."""
-    tenant = await authorize.redeem_connect_link(session, token, request_id=request_id)
+    tenant = await links.redeem_connect_link(session, token, request_id=request_id)
     if viewer.signed_in and viewer.can_manage(tenant):
         return redirect(f"/t/{tenant.slug}/connect")
     session_token, _ = await sessions.start(session, runtime.settings, link_tenant_id=tenant.id, replaces=viewer.token)
@@ -32,7 +32,7 @@ async def open_connect_link(
 
 def _consent_context(tenant, runtime, selected: list[str] | None = None) -> dict:
     defaults = scopes.parse(runtime.settings.default_scopes)
-    phi_locked = not tenant.phi_allowed
+    phi_locked = not policy.tenant_phi_allowed(tenant)
     chosen = selected if selected is not None else defaults
     if phi_locked:
         chosen = [s for s in chosen if not scopes.is_phi(s)]
@@ -58,12 +58,13 @@ async def consent_submit(
 ) -> Response:
     """Re-validate every submitted scope against the database's BAA state, then go to Salesmsg."""
     tenant = await tenant_for(session, viewer, slug, connect=True)
+    assert viewer.web_session is not None  # tenant_for answered LoginRequired otherwise
     form = await request.form()
     requested = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
     try:
         url = await authorize.start_authorization(
-            session, runtime, tenant=tenant, web_session=viewer.web_session, requested=requested,
-            actor=viewer.actor(), request_id=request_id,
+            session, settings=runtime.settings, data_keys=runtime.data_keys, tenant=tenant,
+            web_session=viewer.web_session, requested=requested, actor=viewer.actor(), request_id=request_id,
         )
     except AppError as exc:
         conn = await store.get_connection(session, tenant.id)
@@ -78,7 +79,7 @@ async def consent_submit(
 async def oauth_callback(request: Request, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
     params = {k: v for k, v in request.query_params.items() if k in ("state", "code", "error", "error_description")}
     result = await authorize.complete_authorization(
-        session, runtime, web_session=viewer.web_session, params=params, actor=viewer.actor(), request_id=request_id,
+        session, settings=runtime.settings, http=runtime.http, data_keys=runtime.data_keys, web_session=viewer.web_session, params=params, actor=viewer.actor(), request_id=request_id,
     )
     return redirect(f"/t/{result.tenant.slug}/connected")
 
@@ -105,7 +106,8 @@ async def connect_pat(
     form = await request.form()
     granted = [value for value in form.getlist("scope") if isinstance(value, str)][:200]
     try:
-        await authorize.connect_with_pat(session, runtime, tenant=tenant, token=token, granted=granted,
+        await pat.connect_with_pat(session, settings=runtime.settings, http=runtime.http, data_keys=runtime.data_keys,
+                                   tenant=tenant, token=token, granted=granted,
                                        actor=viewer.actor(), request_id=request_id)
     except AppError as exc:
         conn = await store.get_connection(session, tenant.id)
@@ -117,5 +119,5 @@ async def connect_pat(
 @router.post("/t/{slug}/disconnect")
 async def disconnect(slug: str, session: SessionDep, viewer: ViewerDep, request_id: RequestIdDep) -> Response:
     tenant = await tenant_for(session, viewer, slug)
-    await store.disconnect(session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
+    await transitions.disconnected(session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
     return redirect(f"/t/{tenant.slug}?notice=disconnected")

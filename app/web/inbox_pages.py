@@ -11,8 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
 
-from app.connections import scopes
+from app.audit import audit_log
+from app.connections import policy, scopes
 from app.connections.store import get_connection
+from app.connections.view import TenantAccess
 from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.proxy.inbox import FILTERS, MAX_MESSAGE, PAGE_SIZE, Inbox, new_form_key
@@ -36,18 +38,15 @@ def _problem(exc: AppError) -> dict[str, Any]:
 async def _setup(request: Request, session, runtime, viewer, slug: str, request_id: str):
     tenant = await tenant_for(session, viewer, slug)
     conn = await get_connection(session, tenant.id)
-    inbox = Inbox(runtime, session, tenant, viewer.actor(), request_id)
-    access = await inbox.access()
-    context: dict[str, Any] = {"tenant": tenant, "connection": conn, "problem": None, "locked": False}
-    if access.phi_blocked:
-        context["locked"] = True
+    inbox = Inbox(upstream=runtime.upstream, idempotency=runtime.idempotency, data_keys=runtime.data_keys,
+                  session=session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
+    locked = policy.phi_blocked(TenantAccess.of(tenant, conn))
+    context: dict[str, Any] = {"tenant": tenant, "connection": conn, "problem": None, "locked": locked}
     return inbox, context
 
 
 async def _locked(inbox: Inbox, target: str) -> None:
     """A PHI view refused for want of a BAA is audited like any other denial."""
-    from app.audit import audit_log
-
     await audit_log.record(inbox.session, "dashboard.phi_access", inbox.actor, outcome="denied", tenant_id=inbox.tenant.id,
                        target=target, request_id=inbox.request_id or None, details={"decision": "baa_required"})
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from app.audit import audit_log
-from app.connections import authorize, events, scopes, store
+from app.connections import events, links, policy, scopes, store
 from app.core.errors import AppError, ValidationFailed
 from app.core.models import AuditEntry, Tenant
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
@@ -95,14 +95,14 @@ async def create_tenant(
     return redirect(f"/t/{tenant.slug}?notice=created")
 
 
-async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict:
+async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict[str, Any]:
     conn = await store.get_connection(session, tenant.id)
     granted = scopes.parse(conn.scopes) if conn else []
-    context = {
+    context: dict[str, Any] = {
         "tenant": tenant,
         "connection": conn,
         "granted": granted,
-        "usable": scopes.usable(granted, phi_allowed=tenant.phi_allowed) if conn and conn.kind == "oauth" else set(granted),
+        "usable": set(policy.usable_scopes(conn.scopes, tenant=tenant, kind=conn.kind)) if conn else set(),
         "phi_scopes": scopes.PHI_SCOPES,
         "events": await events.recent(session, tenant_id=tenant.id, limit=10),
     }
@@ -192,7 +192,7 @@ async def create_connect_link(
     request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
 ) -> Response:
     tenant = await _operator_tenant(session, viewer, slug)
-    link, token = await authorize.create_connect_link(
+    link, token = await links.create_connect_link(
         session, tenant=tenant, hours=runtime.settings.connect_link_hours, actor=viewer.actor(), request_id=request_id
     )
     return render(request, viewer, "shown_once.html", tenant=tenant, title="Connect link",

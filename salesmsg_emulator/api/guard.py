@@ -129,7 +129,6 @@ def api_endpoint(scope: str) -> Callable[[Handler], Callable[[Request], Awaitabl
             except ApiError as error:
                 return error_response(emulator, error.status, error.payload)
 
-        endpoint.required_scope = scope  # type: ignore[attr-defined]
         return endpoint
 
     return decorate

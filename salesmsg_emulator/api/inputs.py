@@ -91,10 +91,6 @@ def int_param(value: Any, name: str, default: int, *, minimum: int = 0, maximum:
     return min(number, maximum) if maximum is not None else number
 
 
-def optional_int(value: Any, name: str) -> int | None:
-    return None if value is None or value == "" else int_param(value, name, 0)
-
-
 def time_param(value: Any, name: str) -> float | None:
     """A date or time: ISO 8601 (date only = midnight UTC; no zone = UTC) or POSIX seconds."""
     if value is None or value == "":

@@ -51,7 +51,7 @@ async def test_connect_end_to_end_stores_only_ciphertext(runtime, operator, upst
     assert answer.status_code == 303 and answer.headers["location"] == "/t/corner-bakery/connected"
     conn = await _connection(runtime, tenant.id)
     assert conn is not None and conn.status == "active" and conn.kind == "oauth"
-    assert set(conn.scope_set) == set(BASIC + PHI)
+    assert set(conn.scopes.split()) == set(BASIC + PHI)
     assert conn.salesmsg_user == "casey@corner-bakery.example"
     async with runtime.db.session() as session:
         key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
@@ -185,7 +185,7 @@ async def test_reconnect_replaces_the_tokens_of_the_same_connection(runtime, ope
     second = await _connection(runtime, tenant.id)
     assert second.id == first.id and second.version == first.version + 1
     assert second.access_token_ct != first.access_token_ct
-    assert "tags:read" in second.scope_set
+    assert "tags:read" in second.scopes.split()
 
 
 async def test_ciphertext_copied_into_another_tenants_row_does_not_decrypt(runtime, operator):
@@ -225,4 +225,4 @@ async def test_pat_connection_is_checked_and_not_baa_gated(runtime, operator):
                                   csrf_from="/t/pat-org/connect")
     assert ok.status_code == 303
     conn = await _connection(runtime, tenant.id)
-    assert conn.kind == "pat" and conn.status == "active" and "conversations:read" in conn.scope_set
+    assert conn.kind == "pat" and conn.status == "active" and "conversations:read" in conn.scopes.split()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.connections import scopes
+from app.connections import policy, scopes
 
 
 def test_catalogue_covers_the_documented_table_plus_calls_and_recordings():
@@ -31,24 +31,24 @@ def test_phi_list_is_the_seed_list():
 
 
 def test_phi_scopes_refused_without_a_baa_and_allowed_with_one():
-    with pytest.raises(scopes.ScopeError) as info:
-        scopes.validate_request(["teams:read", "messages:read"], phi_allowed=False)
+    with pytest.raises(policy.ScopeError) as info:
+        policy.check_request(["teams:read", "messages:read"], phi_allowed=False)
     assert info.value.code == "baa_required"
     assert info.value.scopes == ["messages:read"]
-    assert scopes.validate_request(["teams:read", "messages:read"], phi_allowed=True) == ["messages:read", "teams:read"]
-    assert scopes.validate_request(["teams:read"], phi_allowed=False) == ["teams:read"]
+    assert policy.check_request(["teams:read", "messages:read"], phi_allowed=True) == ["messages:read", "teams:read"]
+    assert policy.check_request(["teams:read"], phi_allowed=False) == ["teams:read"]
 
 
 @pytest.mark.parametrize("bad", [["admin:all"], ["teams:read", "TEAMS:READ"], ["teams:read messages:read\x00"]])
 def test_unknown_scopes_are_refused(bad):
-    with pytest.raises(scopes.ScopeError) as info:
-        scopes.validate_request(bad, phi_allowed=True)
+    with pytest.raises(policy.ScopeError) as info:
+        policy.check_request(bad, phi_allowed=True)
     assert info.value.code == "unknown_scope"
 
 
 def test_empty_request_is_refused():
-    with pytest.raises(scopes.ScopeError) as info:
-        scopes.validate_request([], phi_allowed=True)
+    with pytest.raises(policy.ScopeError) as info:
+        policy.check_request([], phi_allowed=True)
     assert info.value.code == "no_scope"
 
 
@@ -59,8 +59,8 @@ def test_parse_accepts_space_and_comma_separated_and_dedupes():
 
 def test_usable_drops_phi_while_unsigned():
     granted = ["teams:read", "messages:read"]
-    assert scopes.usable(granted, phi_allowed=False) == {"teams:read"}
-    assert scopes.usable(granted, phi_allowed=True) == {"teams:read", "messages:read"}
+    assert policy.usable(granted, phi_allowed=False) == ["teams:read"]
+    assert policy.usable(granted, phi_allowed=True) == ["teams:read", "messages:read"]
 
 
 def test_grouping_puts_phi_resources_first_with_read_and_write():

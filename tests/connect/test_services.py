@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 
 from app.audit import audit_log
 from app.audit.audit_log import Actor
+from app.connections import policy
 from app.core.errors import Conflict, ValidationFailed
 from app.core.models import AuditEntry, Connection, TenantKey
 from app.tenants import baa, registry
@@ -27,7 +28,7 @@ def ring() -> Keyring:
 
 async def test_tenants_default_to_hipaa_and_slugs_are_unique(db_session, ring):
     tenant = await registry.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Acme Clinic", actor=OPERATOR)
-    assert tenant.hipaa is True and not tenant.phi_allowed
+    assert tenant.hipaa is True and not policy.tenant_phi_allowed(tenant)
     with pytest.raises(Conflict):
         await registry.create_tenant(db_session, keyring=ring, slug="acme-clinic", name="Other", actor=OPERATOR)
     for slug in ["A", "-x", "x-", "a--b", "no spaces", "api", "x" * 64, "ünï"]:
@@ -42,11 +43,11 @@ async def test_baa_sign_and_revoke_are_audited_and_gate_phi(db_session, ring):
     with pytest.raises(ValidationFailed):
         await baa.sign(db_session, tenant, reference="  ", signed_by="op", actor=OPERATOR)
     await baa.sign(db_session, tenant, reference="BAA-7", note="countersigned", signed_by="op@example.com", actor=OPERATOR)
-    assert tenant.phi_allowed and tenant.baa_reference == "BAA-7"
+    assert policy.tenant_phi_allowed(tenant) and tenant.baa_reference == "BAA-7"
     with pytest.raises(Conflict):
         await baa.sign(db_session, tenant, reference="BAA-8", signed_by="op", actor=OPERATOR)
     await baa.revoke(db_session, tenant, reason="expired", actor=OPERATOR)
-    assert not tenant.phi_allowed and tenant.baa_signed_at is None
+    assert not policy.tenant_phi_allowed(tenant) and tenant.baa_signed_at is None
     actions = (await db_session.scalars(select(AuditEntry.action).where(AuditEntry.tenant_id == tenant.id).order_by(AuditEntry.id))).all()
     assert actions == ["tenant.create", "baa.sign", "baa.revoke"]
 

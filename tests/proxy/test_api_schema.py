@@ -22,7 +22,7 @@ from tests.support.served import ServedApp
 
 
 async def _seed(settings) -> str:
-    from app.connections import authorize
+    from app.connections import pat
     from app.identity import api_keys
     from app.tenants import registry
     from tests.support.journeys import PAT
@@ -35,8 +35,9 @@ async def _seed(settings) -> str:
             _, key = await api_keys.create_api_key(session, name="fuzz", tenant_refs=None, operator=True, actor=Actor.system())
         async with runtime.db.session() as session:
             tenant = await registry.get_tenant(session, "fuzz-two")
-            await authorize.connect_with_pat(session, runtime, tenant=tenant, token=PAT, granted=["conversations:read", "teams:read"],
-                                           actor=Actor.system())
+            await pat.connect_with_pat(session, settings=runtime.settings, http=runtime.http, data_keys=runtime.data_keys,
+                                       tenant=tenant, token=PAT, granted=["conversations:read", "teams:read"],
+                                       actor=Actor.system())
         return key
     finally:
         await runtime.stop()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app.connections import store
+from app.audit.audit_log import Actor
+from app.connections import transitions
+from app.core.errors import Refusal
 from app.kit.retry_after import retry_after_seconds
 from app.main import create_app
 from app.proxy.handler import safe_path
-from app.proxy.upstream import Refusal
 from app.vault import tenant_keys
 from tests.support.journeys import connected_tenant, make_api_key, make_tenant
 from tests.support.recorder import Recorder
@@ -42,7 +43,7 @@ from tests.support.recorder import Recorder
 def test_unsafe_paths_are_refused(raw):
     with pytest.raises(Refusal) as info:
         safe_path(raw)
-    assert info.value.status == 400
+    assert info.value.status_code == 400
 
 
 @pytest.mark.parametrize("raw", [b"conversations", b"conversations/5001/messages", b"messages/5001/paginated", b"users/me", b"contacts/abc-DEF_1.2"])
@@ -73,10 +74,10 @@ async def recorded_app(connected_settings, recorder):
         tenant = await make_tenant(runtime, "rec", hipaa=False)
         async with runtime.db.session() as session:
             key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
-            await store.store_new_grant(
+            await transitions.connected(
                 session, tenant=tenant, key=key, kind="oauth", access_token="upstream-token-123",
                 refresh_token="refresh-abc", expires_in=3600, granted_scopes=["contacts:read", "contacts:write", "teams:read"],
-                connected_by="test",
+                actor=Actor.system(),
             )
         yield app
 

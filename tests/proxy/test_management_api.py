@@ -6,11 +6,7 @@ import json
 
 import pytest
 
-from tests.support.journeys import connected_tenant, make_api_key, make_tenant
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+from tests.support.journeys import auth, connected_tenant, make_api_key, make_tenant
 
 
 @pytest.fixture

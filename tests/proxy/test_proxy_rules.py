@@ -10,13 +10,14 @@ import pytest
 from sqlalchemy import select
 
 from app.audit.audit_log import Actor
-from app.connections import store
+from app.connections import store, transitions
 from app.core.models import AuditEntry
 from app.identity import api_keys
 from app.tenants import baa
 from app.tenants.registry import get_tenant
 from tests.support.journeys import (
     HIPAA_USER,
+    auth,
     connected_tenant,
     make_api_key,
     make_tenant,
@@ -25,9 +26,6 @@ from tests.support.journeys import (
 
 CONVERSATIONS = "/api/v1/tenants/{t}/proxy/conversations?filter=open&limit=5"
 
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
@@ -183,7 +181,7 @@ async def test_needs_reauth_and_not_connected_are_409(runtime, two_tenants, clie
     response = await client_for.get(CONVERSATIONS.format(t="tenant-a"), headers=auth(key))
     assert response.status_code == 409 and response.json()["error"]["code"] == "connection_needs_reauth"
     async with runtime.db.session() as session:
-        await store.disconnect(session, tenant=await get_tenant(session, "tenant-b"), actor=Actor.system())
+        await transitions.disconnected(session, tenant=await get_tenant(session, "tenant-b"), actor=Actor.system())
     response = await client_for.get(CONVERSATIONS.format(t="tenant-b"), headers=auth(key))
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_connected"
 

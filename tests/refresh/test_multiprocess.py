@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.audit.audit_log import Actor
-from app.connections import store
+from app.connections import store, transitions
 from app.core.models import Connection
 from app.tenants import registry
 from app.vault import tenant_keys
@@ -73,9 +73,9 @@ async def _make_pat_connections(runtime, upstream, count: int) -> None:
             tenant = await registry.create_tenant(session, keyring=runtime.keyring, slug=f"bulk-{i:04d}", name=f"Bulk {i}",
                                                  hipaa=False, actor=Actor.system())
             key = await tenant_keys.data_key_for(session, runtime.data_keys, tenant.id)
-            conn, _ = await store.store_new_grant(
+            conn, _ = await transitions.connected(
                 session, tenant=tenant, key=key, kind="pat", access_token=pat, refresh_token=None, expires_in=None,
-                granted_scopes=["conversations:read", "teams:read"], connected_by="test",
+                granted_scopes=["conversations:read", "teams:read"], actor=Actor.system(),
             )
             conn.access_expires_at = soon
 

@@ -10,18 +10,15 @@ from sqlalchemy import select, update
 
 from app.audit.audit_log import Actor
 from app.connections import store, webhooks
-from app.connections.refresh import Snapshot
+from app.connections.view import ConnectionView
 from app.core.models import Connection, ConnectionEvent, WebhookDelivery
 from app.tenants.registry import get_tenant
 from app.vault import tenant_keys
-from tests.support.journeys import connected_tenant, make_api_key
+from tests.support.journeys import auth, connect_pat, connected_tenant, make_api_key
 from tests.support.recorder import Recorder
 
 CONVERSATIONS = "/api/v1/tenants/{t}/proxy/conversations?limit=3"
 
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def _conn(runtime, tenant_id) -> Connection:
@@ -52,7 +49,7 @@ async def _events(runtime, tenant_id) -> list[str]:
 async def test_a_valid_token_is_used_without_refreshing(runtime, browser, upstream):
     tenant = await connected_tenant(runtime, browser, "steady")
     conn = await _conn(runtime, tenant.id)
-    token = await runtime.refresher.access_token(Snapshot.of(conn))
+    token = await runtime.refresher.access_token(ConnectionView.of(conn))
     assert token.value == (await _tokens(runtime, conn))[0]
     assert upstream.controls.counter("token.refresh") == 0
 
@@ -148,7 +145,7 @@ async def test_pat_connections_refresh_with_the_pat_as_bearer(runtime, browser, 
     pat = upstream.controls.issue_pat(301, "conversations:read teams:read")
     async with runtime.db.session() as session:
         tenant = await registry.create_tenant(session, keyring=runtime.keyring, slug="pat-refresh", name="P", hipaa=False, actor=Actor.system())
-    await runtime_connect_pat(runtime, tenant, pat)
+    await connect_pat(runtime, tenant, pat, ["conversations:read", "teams:read"])
     key = await make_api_key(runtime, tenants=["pat-refresh"])
     refreshed = await client_for.post("/api/v1/tenants/pat-refresh/connection/refresh", headers=auth(key))
     assert refreshed.status_code == 200
@@ -156,14 +153,6 @@ async def test_pat_connections_refresh_with_the_pat_as_bearer(runtime, browser, 
     new_access, refresh = await _tokens(runtime, await _conn(runtime, tenant.id))
     assert new_access != pat and refresh is None
     assert (await client_for.get(CONVERSATIONS.format(t="pat-refresh"), headers=auth(key))).status_code == 200
-
-
-async def runtime_connect_pat(runtime, tenant, pat: str) -> None:
-    from app.connections import authorize
-
-    async with runtime.db.session() as session:
-        await authorize.connect_with_pat(session, runtime, tenant=tenant, token=pat, granted=["conversations:read", "teams:read"],
-                                       actor=Actor.system())
 
 
 async def test_worker_sweeps_due_connections(runtime, browser, upstream):

@@ -26,22 +26,19 @@ from app.core.models import Connection, ConnectionEvent
 from app.core.settings import Settings
 from app.vault import tenant_keys
 from tests.support.emulator_controls import EmulatorControls
-from tests.support.journeys import CLIENT_ID, CLIENT_SECRET
+from tests.support.journeys import CLIENT_ID, CLIENT_SECRET, auth
 from tests.support.processes import Served, clean_env
 from tests.support.tcp_proxy import TcpFaultProxy, free_port
 
 T = TypeVar("T")
 
-# The proxy's own error codes for a 5xx, as DESIGN.md and app/upstream.py document them.
+# The proxy's own error codes for a 5xx, as the README's proxy table and app/proxy/upstream.py document them.
 OUR_5XX = {
     502: {"upstream_unavailable"},
     503: {"refresh_unavailable", "service_unavailable"},
     504: {"upstream_timeout"},
 }
 
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def proxy_url(slug: str, path: str) -> str:

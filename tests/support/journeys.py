@@ -142,6 +142,20 @@ class Browser:
         return await self.follow_callback(callback)
 
 
+def auth(key: str) -> dict[str, str]:
+    """The headers that present an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def connect_pat(runtime: Runtime, tenant: Tenant, token: str, scopes: list[str]) -> None:
+    """Connect a tenant with a personal access token, as the consent screen's PAT form does."""
+    from app.connections import pat
+
+    async with runtime.db.session() as session:
+        await pat.connect_with_pat(session, settings=runtime.settings, http=runtime.http, data_keys=runtime.data_keys,
+                                   tenant=tenant, token=token, granted=scopes, actor=Actor.system())
+
+
 def query_of(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
 

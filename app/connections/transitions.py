@@ -1,0 +1,204 @@
+"""Every change of a connection's state, each written with its event and its audit record.
+
+| transition | status after | what else changes | event (webhook) | audit |
+| --- | --- | --- | --- | --- |
+| ``connected`` | active | new tokens, version + 1, failures and lease cleared, who and which org | connected | connection.connect |
+| ``refreshed`` | active | new tokens (compare-and-swap on version and lease owner), failures and lease cleared | refreshed (+ recovered after failures) | |
+| ``refresh_failed`` | active; needs_reauth after the last allowed failure | failures + 1, cooldown, lease released | refresh_failed (+ needs_reauth) | connection.needs_reauth when given up |
+| ``dead`` | needs_reauth (compare-and-swap on version) | lease released | needs_reauth | connection.needs_reauth |
+| ``disconnected`` | disconnected | tokens shredded, version + 1, lease released | disconnected | connection.disconnect |
+
+Each runs in one transaction, so a change and its event and audit row land together or not at
+all. Tokens are sealed here under the tenant's data key, bound to the connection and the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.audit import audit_log
+from app.audit.audit_log import Actor
+from app.connections import events, lease, scopes
+from app.connections.store import get_connection, require_connection
+from app.connections.view import ACTIVE, DISCONNECTED, NEEDS_REAUTH, ConnectionView
+from app.core.db import Database
+from app.core.models import Connection, Tenant
+from app.vault.envelope import DataKey
+
+HEALTHY = {"refresh_failures": 0, "next_refresh_at": None, "last_error": None}
+
+
+def _seal(key: DataKey, connection_id: uuid.UUID, *, access_token: str, refresh_token: str | None) -> dict[str, Any]:
+    return {
+        "access_token_ct": key.seal(access_token, owner=connection_id, field="access_token"),
+        "refresh_token_ct": key.seal(refresh_token, owner=connection_id, field="refresh_token") if refresh_token else None,
+    }
+
+
+def _expiry(expires_in: int | None, now: datetime) -> datetime | None:
+    return now + timedelta(seconds=expires_in) if expires_in else None
+
+
+async def _update(session: AsyncSession, connection_id: uuid.UUID, *conditions: Any, **values: Any) -> bool:
+    """One conditional UPDATE of the row; True when it matched."""
+    result = await session.execute(
+        update(Connection).where(Connection.id == connection_id, *conditions).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Profile:
+    """Who connected, at Salesmsg, and which org (best effort; shown on the tenant page)."""
+
+    salesmsg_user: str | None = None
+    salesmsg_org: str | None = None
+
+
+async def connected(
+    session: AsyncSession,
+    *,
+    tenant: Tenant,
+    key: DataKey,
+    kind: str,
+    access_token: str,
+    refresh_token: str | None,
+    expires_in: int | None,
+    granted_scopes: list[str],
+    actor: Actor,
+    profile: Profile = Profile(),
+    request_id: str | None = None,
+) -> tuple[Connection, bool]:
+    """Create the tenant's connection, or give the existing one new tokens (a reconnect).
+
+    Returns the connection and whether it existed before.
+    """
+    conn = await get_connection(session, tenant.id)
+    existed = conn is not None
+    now = datetime.now(UTC)
+    if conn is None:
+        conn = Connection(id=uuid.uuid4(), tenant_id=tenant.id, version=1)
+        session.add(conn)
+    else:
+        conn.version = conn.version + 1
+    values: dict[str, Any] = {
+        "kind": kind,
+        "status": ACTIVE,
+        "scopes": scopes.format_scopes(granted_scopes),
+        **_seal(key, conn.id, access_token=access_token, refresh_token=refresh_token),
+        "access_expires_at": _expiry(expires_in, now),
+        **lease.FREE,
+        **HEALTHY,
+        "last_refresh_at": None,
+        "connected_at": now,
+        "connected_by": actor.id or actor.type,
+        "disconnected_at": None,
+        "salesmsg_user": profile.salesmsg_user,
+        "salesmsg_org": profile.salesmsg_org,
+    }
+    for name, value in values.items():
+        setattr(conn, name, value)
+    await session.flush()
+    details = {"kind": kind, "scopes": granted_scopes, "reconnect": existed}
+    await events.emit(session, tenant_id=tenant.id, connection_id=conn.id, type="connected", data=details)
+    await audit_log.record(session, "connection.connect", actor, tenant_id=tenant.id, target=tenant.slug,
+                           request_id=request_id, details=details)
+    return conn, existed
+
+
+async def disconnected(session: AsyncSession, *, tenant: Tenant, actor: Actor, request_id: str | None = None) -> Connection:
+    """Shred the connection's tokens and mark it disconnected."""
+    conn = await require_connection(session, tenant.id)
+    values: dict[str, Any] = {
+        "access_token_ct": None,
+        "refresh_token_ct": None,
+        "access_expires_at": None,
+        "status": DISCONNECTED,
+        "disconnected_at": datetime.now(UTC),
+        **lease.FREE,
+        "version": conn.version + 1,
+    }
+    for name, value in values.items():
+        setattr(conn, name, value)
+    await session.flush()
+    await events.emit(session, tenant_id=tenant.id, connection_id=conn.id, type="disconnected", data={"by": actor.type})
+    await audit_log.record(session, "connection.disconnect", actor, tenant_id=tenant.id, target=tenant.slug,
+                           request_id=request_id)
+    return conn
+
+
+async def refreshed(
+    db: Database,
+    view: ConnectionView,
+    *,
+    owner: str,
+    key: DataKey,
+    access_token: str,
+    refresh_token: str | None,
+    expires_at: datetime | None,
+    rotated: bool,
+) -> bool:
+    """Store refreshed tokens if the row is still the version we refreshed and our lease holds.
+
+    False when it was reconnected or disconnected meanwhile: those tokens belong to a grant that
+    is no longer this connection's, and are dropped.
+    """
+    async with db.session() as session:
+        stored = await _update(
+            session, view.id, Connection.version == view.version, Connection.lease_owner == owner,
+            **_seal(key, view.id, access_token=access_token, refresh_token=refresh_token),
+            access_expires_at=expires_at, version=view.version + 1, last_refresh_at=datetime.now(UTC),
+            **HEALTHY, **lease.FREE,
+        )
+        if not stored:
+            return False
+        await events.emit(session, tenant_id=view.tenant_id, connection_id=view.id, type="refreshed",
+                          data={"expires_at": expires_at.isoformat() if expires_at else None, "rotated": rotated})
+        if view.refresh_failures:
+            await events.emit(session, tenant_id=view.tenant_id, connection_id=view.id, type="recovered",
+                              data={"after_failures": view.refresh_failures})
+    return True
+
+
+async def _needs_reauth(session: AsyncSession, view: ConnectionView, reason: str, data: dict[str, Any]) -> None:
+    await events.emit(session, tenant_id=view.tenant_id, connection_id=view.id, type="needs_reauth", data=data)
+    await audit_log.record(session, "connection.needs_reauth", Actor.system(), outcome="failure",
+                           tenant_id=view.tenant_id, target=str(view.id), details={"reason": reason})
+
+
+async def dead(db: Database, view: ConnectionView, *, reason: str) -> bool:
+    """The grant is gone: needs_reauth, unless someone refreshed or reconnected meanwhile (then
+    their state stands and False is returned)."""
+    async with db.session() as session:
+        if not await _update(session, view.id, Connection.version == view.version,
+                             status=NEEDS_REAUTH, last_error=reason[:200], next_refresh_at=None, **lease.FREE):
+            return False
+        await _needs_reauth(session, view, reason, {"reason": reason})
+    return True
+
+
+async def refresh_failed(
+    db: Database, view: ConnectionView, *, owner: str, reason: str, cooldown: float, give_up: bool
+) -> ConnectionView:
+    """A transient failure: count it, cool down for ``cooldown`` seconds, release the lease; after
+    the last allowed failure (``give_up``) the connection needs reauth. Returns the view as now."""
+    failures = view.refresh_failures + 1
+    next_refresh_at = datetime.now(UTC) + timedelta(seconds=cooldown)
+    values: dict[str, Any] = {"refresh_failures": failures, "next_refresh_at": next_refresh_at,
+                              "last_error": reason[:200], **lease.FREE}
+    if give_up:
+        values["status"] = NEEDS_REAUTH
+    async with db.session() as session:
+        await _update(session, view.id, Connection.lease_owner == owner, **values)
+        await events.emit(session, tenant_id=view.tenant_id, connection_id=view.id, type="refresh_failed",
+                          data={"reason": reason, "failures": failures})
+        if give_up:
+            await _needs_reauth(session, view, "too_many_failures", {"reason": "too_many_failures", "failures": failures})
+    return replace(view, refresh_failures=failures, next_refresh_at=next_refresh_at, status=values.get("status", view.status))
