@@ -20,8 +20,8 @@ PY_SPY_VERSION = "0.4.3"
 # (category, substrings of a frame's file path), first match wins. The event loop is the fallback:
 # a sample is charged to it only when no other known frame is on its stack.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("logging (structlog, logging, app/logs.py)", ("/structlog/", "/logging/", "/app/logs.py")),
-    ("rate limits (app/rate_limits.py; limits only with Redis)", ("/limits/", "/app/rate_limits.py")),
+    ("logging (structlog, logging, app/core/logs.py)", ("/structlog/", "/logging/", "/app/core/logs.py")),
+    ("rate limits (app/proxy/rate_limits.py; limits only with Redis)", ("/limits/", "/app/proxy/rate_limits.py")),
     ("SQLAlchemy", ("/sqlalchemy/",)),
     ("asyncpg (incl. its Cython protocol)", ("/asyncpg/",)),
     ("aiohttp (with yarl, multidict)", ("/aiohttp/", "/yarl/", "/multidict/")),
@@ -38,19 +38,19 @@ LOOP_PATHS = ("/asyncio/", "/uvloop/")
 # Cost centres reported inclusively: label -> (function name or None, path fragment); a sample
 # counts when any frame matches.
 WATCH: dict[str, list[tuple[str | None, str]]] = {
-    "the proxy handler (Proxy.handle)": [("Proxy.handle", "/app/proxy.py")],
-    "grant lookup (Proxy._lookup: pool checkout, one SELECT)": [("Proxy._lookup", "/app/proxy.py")],
+    "the proxy handler (Proxy.handle)": [("Proxy.handle", "/app/proxy/handler.py")],
+    "grant lookup (GrantLookup.find: pool checkout, one SELECT)": [("GrantLookup.find", "/app/proxy/grants.py")],
     "BEGIN sent by SQLAlchemy's autobegin (audit writer, usage)": [(None, "_start_transaction")],
     "ROLLBACK when the connection returns to the pool": [("Transaction.rollback", "/asyncpg/transaction.py")],
     "new PostgreSQL connections (pool overflow churn)": [(None, "/asyncpg/connect_utils.py")],
-    "rate limits (RateLimits.check)": [(None, "/limits/"), (None, "/app/rate_limits.py")],
+    "rate limits (RateLimits.check)": [(None, "/limits/"), (None, "/app/proxy/rate_limits.py")],
     "thread pool work (asyncio.to_thread)": [(None, "/concurrent/futures/")],
     "the upstream call (aiohttp)": [(None, "/aiohttp/")],
     "uvicorn's send (response to the socket)": [("RequestResponseCycle.send", "/uvicorn/")],
     "logging (structlog, logging), anywhere": [(None, "/structlog/"), (None, "/logging/__init__.py")],
     "metrics (prometheus_client), anywhere": [(None, "/prometheus_client/")],
-    "PHI audit writer (app/audit_writer.py: lock, last hash, INSERT)": [(None, "/app/audit_writer.py")],
-    "dropped access-log line (structlog chain at WARNING)": [("RequestContextMiddleware._log", "/app/middleware.py"),
+    "PHI audit writer (app/audit/writer.py: lock, last hash, INSERT)": [(None, "/app/audit/writer.py")],
+    "dropped access-log line (structlog chain at WARNING)": [("RequestContextMiddleware._log", "/app/core/middleware.py"),
                                                              ("BoundLogger.info", "/structlog/")],
 }
 

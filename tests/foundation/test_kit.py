@@ -29,6 +29,7 @@ def test_backoff_doubles_within_its_jitter_and_stops_at_the_cap():
 async def test_a_single_use_row_is_spent_exactly_once(db_session):
     tenant = Tenant(id=uuid.uuid4(), slug="spend-once", name="Spend once")
     db_session.add(tenant)
+    await db_session.flush()  # no ORM relationship orders the two inserts
     link = ConnectLink(token_hash=token_hash(new_token()), tenant_id=tenant.id, created_by="test",
                        expires_at=datetime.now(UTC) + timedelta(hours=1))
     db_session.add(link)
