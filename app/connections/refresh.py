@@ -3,7 +3,7 @@
 Salesmsg rotates refresh tokens, so two refreshes of one connection at once kill it. Hence:
 
 - in a process, single flight: one refresh per connection, every other caller awaits it;
-- across processes, the lease on the connection row (``lease``: owner and expiry, taken with
+- across processes, the lease on the connection row (``transitions.take_lease``: owner and expiry, taken with
   one conditional UPDATE that commits at once, so no transaction stays open across the call to
   Salesmsg);
 - after taking the lease, the row is as the lease query returned it: if another process
@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from app.connections import lease, token_client, transitions
+from app.connections import token_client, transitions
 from app.connections.store import open_access_token, open_refresh_token, read_view
 from app.connections.token_client import TokenEndpointError, TokenResponse
 from app.connections.view import ACTIVE, NEEDS_REAUTH, PAT, ConnectionView
@@ -126,7 +126,7 @@ class Refresher:
         return await self._start(view.id, self._refresh_holding_lease(view, seen_version=view.version, force=False))
 
     async def release(self, connection_id: uuid.UUID) -> None:
-        await lease.release(self.db, connection_id, owner=self.owner)
+        await transitions.release_lease(self.db, connection_id, owner=self.owner)
 
     # -- in this process and across processes ---------------------------------------------
 
@@ -145,7 +145,7 @@ class Refresher:
     async def _refresh(self, connection_id: uuid.UUID, *, seen_version: int, force: bool) -> AccessToken:
         deadline = time.monotonic() + self.lease.total_seconds() + self.call_timeout
         while True:
-            view = await lease.take(self.db, connection_id, owner=self.owner, lease=self.lease)
+            view = await transitions.take_lease(self.db, connection_id, owner=self.owner, lease=self.lease)
             if view is not None:
                 return await self._refresh_holding_lease(view, seen_version=seen_version, force=force)
             current = await read_view(self.db, connection_id)
@@ -273,7 +273,7 @@ async def refresh_due(refresher: Refresher, *, batch: int, concurrency: int) -> 
     """One sweep: lease a batch of due connections, refresh them with bounded concurrency."""
     counts = {"leased": 0, "refreshed": 0, "failed": 0}
     async with refresher.db.session() as session:
-        views = await lease.take_due(session, owner=refresher.owner, lease=refresher.lease, margin=refresher.margin,
+        views = await transitions.lease_due(session, owner=refresher.owner, lease=refresher.lease, margin=refresher.margin,
                                      limit=batch)
     counts["leased"] = len(views)
     gate = asyncio.Semaphore(concurrency)

@@ -1,7 +1,6 @@
 """Reading a tenant's connection to Salesmsg, and opening the tokens it holds sealed in the vault.
 
-Every change of a connection's state goes through ``transitions``; the refresh lease through
-``lease``. Tokens are sealed under the tenant's data key, bound to the connection and the field.
+Every write to a connection row (its state, its tokens, the refresh lease) is in ``transitions``. Tokens are sealed under the tenant's data key, bound to the connection and the field.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Every change of a connection's state, each written with its event and its audit record.
+"""Every write to a connection row: its state changes, each with its event and audit record, and
+the refresh lease.
 
 | transition | status after | what else changes | event (webhook) | audit |
 | --- | --- | --- | --- | --- |
+| ``take_lease`` / ``lease_due`` | (active only) | lease owner and expiry, if free or run out | | |
+| ``release_lease`` | unchanged | lease cleared, if still ours | | |
 | ``connected`` | active | new tokens, version + 1, failures and lease cleared, who and which org | connected | connection.connect |
 | ``refreshed`` | active | new tokens (compare-and-swap on version and lease owner), failures and lease cleared | refreshed (+ recovered after failures) | |
 | ``refresh_failed`` | active; needs_reauth after the last allowed failure | failures + 1, cooldown, lease released | refresh_failed (+ needs_reauth) | connection.needs_reauth when given up |
@@ -10,6 +13,11 @@
 
 Each runs in one transaction, so a change and its event and audit row land together or not at
 all. Tokens are sealed here under the tenant's data key, bound to the connection and the field.
+
+The lease is an owner and an expiry on the row, taken with one conditional UPDATE that commits at
+once, so no transaction stays open across the call to Salesmsg. The sweep leases a whole batch of
+due connections in one statement, skipping rows another worker has locked (``FOR UPDATE SKIP
+LOCKED`` on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -19,19 +27,20 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import audit_log
 from app.audit.audit_log import Actor
-from app.connections import events, lease, scopes
+from app.connections import events, scopes
 from app.connections.store import get_connection, require_connection
-from app.connections.view import ACTIVE, DISCONNECTED, NEEDS_REAUTH, ConnectionView
+from app.connections.view import ACTIVE, COLUMNS, DISCONNECTED, NEEDS_REAUTH, ConnectionView
 from app.core.db import Database
 from app.core.models import Connection, Tenant
 from app.vault.envelope import DataKey
 
 HEALTHY = {"refresh_failures": 0, "next_refresh_at": None, "last_error": None}
+LEASE_FREE = {"lease_owner": None, "lease_expires_at": None}
 
 
 def _seal(key: DataKey, connection_id: uuid.UUID, *, access_token: str, refresh_token: str | None) -> dict[str, Any]:
@@ -94,7 +103,7 @@ async def connected(
         "scopes": scopes.format_scopes(granted_scopes),
         **_seal(key, conn.id, access_token=access_token, refresh_token=refresh_token),
         "access_expires_at": _expiry(expires_in, now),
-        **lease.FREE,
+        **LEASE_FREE,
         **HEALTHY,
         "last_refresh_at": None,
         "connected_at": now,
@@ -122,7 +131,7 @@ async def disconnected(session: AsyncSession, *, tenant: Tenant, actor: Actor, r
         "access_expires_at": None,
         "status": DISCONNECTED,
         "disconnected_at": datetime.now(UTC),
-        **lease.FREE,
+        **LEASE_FREE,
         "version": conn.version + 1,
     }
     for name, value in values.items():
@@ -155,7 +164,7 @@ async def refreshed(
             session, view.id, Connection.version == view.version, Connection.lease_owner == owner,
             **_seal(key, view.id, access_token=access_token, refresh_token=refresh_token),
             access_expires_at=expires_at, version=view.version + 1, last_refresh_at=datetime.now(UTC),
-            **HEALTHY, **lease.FREE,
+            **HEALTHY, **LEASE_FREE,
         )
         if not stored:
             return False
@@ -178,7 +187,7 @@ async def dead(db: Database, view: ConnectionView, *, reason: str) -> bool:
     their state stands and False is returned)."""
     async with db.session() as session:
         if not await _update(session, view.id, Connection.version == view.version,
-                             status=NEEDS_REAUTH, last_error=reason[:200], next_refresh_at=None, **lease.FREE):
+                             status=NEEDS_REAUTH, last_error=reason[:200], next_refresh_at=None, **LEASE_FREE):
             return False
         await _needs_reauth(session, view, reason, {"reason": reason})
     return True
@@ -192,7 +201,7 @@ async def refresh_failed(
     failures = view.refresh_failures + 1
     next_refresh_at = datetime.now(UTC) + timedelta(seconds=cooldown)
     values: dict[str, Any] = {"refresh_failures": failures, "next_refresh_at": next_refresh_at,
-                              "last_error": reason[:200], **lease.FREE}
+                              "last_error": reason[:200], **LEASE_FREE}
     if give_up:
         values["status"] = NEEDS_REAUTH
     async with db.session() as session:
@@ -202,3 +211,66 @@ async def refresh_failed(
         if give_up:
             await _needs_reauth(session, view, "too_many_failures", {"reason": "too_many_failures", "failures": failures})
     return replace(view, refresh_failures=failures, next_refresh_at=next_refresh_at, status=values.get("status", view.status))
+
+
+# -- the refresh lease: one refresher at a time, across every process ------------------------
+
+
+def _free_or_expired(now: datetime):  # noqa: ANN202 - a SQL expression
+    return or_(Connection.lease_owner.is_(None), Connection.lease_expires_at < now)
+
+
+async def take_lease(db: Database, connection_id: uuid.UUID, *, owner: str, lease: timedelta) -> ConnectionView | None:
+    """The connection with its lease now ours, or None (inactive, or leased by someone else)."""
+    now = datetime.now(UTC)
+    async with db.session() as session:
+        result = await session.execute(
+            update(Connection)
+            .where(Connection.id == connection_id, Connection.status == ACTIVE, _free_or_expired(now))
+            .values(lease_owner=owner, lease_expires_at=now + lease)
+            .returning(*COLUMNS)
+            .execution_options(synchronize_session=False)
+        )
+        row = result.first()
+    return ConnectionView.of_row(row) if row is not None else None
+
+
+async def release_lease(db: Database, connection_id: uuid.UUID, *, owner: str) -> None:
+    """Give the lease back, if it is still ours."""
+    async with db.session() as session:
+        await session.execute(
+            update(Connection)
+            .where(Connection.id == connection_id, Connection.lease_owner == owner)
+            .values(LEASE_FREE)
+            .execution_options(synchronize_session=False)
+        )
+
+
+async def lease_due(
+    session: AsyncSession, *, owner: str, lease: timedelta, margin: timedelta, limit: int
+) -> list[ConnectionView]:
+    """Lease up to ``limit`` active connections whose token expires within ``margin`` and that
+    are not cooling down after a failure, soonest first."""
+    now = datetime.now(UTC)
+    due = (
+        select(Connection.id)
+        .where(
+            Connection.status == ACTIVE,
+            Connection.access_expires_at.is_not(None),
+            Connection.access_expires_at < now + margin,
+            or_(Connection.next_refresh_at.is_(None), Connection.next_refresh_at <= now),
+            _free_or_expired(now),
+        )
+        .order_by(Connection.access_expires_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    result = await session.execute(
+        update(Connection)
+        .where(Connection.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_expires_at=now + lease)
+        .returning(*COLUMNS)
+        .execution_options(synchronize_session=False)
+    )
+    return [ConnectionView.of_row(r) for r in result.all()]
