@@ -13,6 +13,7 @@ from app import __version__
 from app.api import routes as api_routes
 from app.api.health import router as health_router
 from app.core.errors import _unexpected, install_error_handlers
+from app.core.http_server import LIMITS_STATE_KEY, HeadLimits
 from app.core.logs import configure_logging, get_logger
 from app.core.middleware import RequestContextMiddleware
 from app.core.paths import STATIC_DIR
@@ -33,14 +34,15 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         configure_logging(level=settings.log_level, json_output=json_logs)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Runtime]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, object]]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
         if settings.run_worker:
             runtime.start_worker()
         log.info("started", version=__version__, env=settings.env.value, database=runtime.db.dialect)
         try:
-            yield {"runtime": runtime}
+            # uvicorn hands the lifespan state to its protocol: the bounds of a request's head
+            yield {"runtime": runtime, LIMITS_STATE_KEY: HeadLimits.of(settings)}
         finally:
             await runtime.stop()
             log.info("stopped")

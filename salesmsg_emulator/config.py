@@ -119,6 +119,9 @@ class EmulatorConfig(_Strict):
     auto_approve: bool = False
     rate_limit_per_minute: int = Field(default=60, ge=0)
     html_errors: bool = False
+    # how long an idle keep-alive connection stays open (Salesmsg's own is unknown): longer than the
+    # 30 s a client like ours keeps one, so a reused connection is never one being closed
+    keepalive_seconds: int = Field(default=75, ge=1, le=3600)
     controls_enabled: bool = False
     access_token_ttl: int = Field(default=86340, gt=0)
     pat_ttl: int = Field(default=3600, gt=0)

@@ -63,6 +63,7 @@ from salesmsg_emulator.grants import (
 )
 from salesmsg_emulator.messaging import receive_inbound
 from salesmsg_emulator.payloads import iso, message_payload
+from salesmsg_emulator.request_body import parse_json
 from salesmsg_emulator.runtime import Emulator
 from salesmsg_emulator.scopes import parse_scope, unknown_scopes
 
@@ -145,7 +146,7 @@ class ControlError(Exception):
 async def _parse(request: Request, model: type[_B]) -> _B:
     raw = await request.body()
     try:
-        data = json.loads(raw) if raw.strip() else {}
+        data = parse_json(raw) if raw.strip() else {}
         return model.model_validate(data)
     except ValueError as exc:
         detail = exc.errors(include_url=False, include_context=False) if isinstance(exc, ValidationError) else None
@@ -245,7 +246,7 @@ async def settings(request: Request, emulator: Emulator) -> Any:
     if request.method == "PATCH":
         raw = await request.body()
         try:
-            changes = json.loads(raw) if raw.strip() else {}
+            changes = parse_json(raw) if raw.strip() else {}
             if not isinstance(changes, dict):
                 raise ValueError("the body must be a JSON object")
             emulator.settings.update(changes)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from salesmsg_emulator.api.guard import API_PREFIX, error_page
 from salesmsg_emulator.faults import FailRule
 from salesmsg_emulator.oauth import PAT_REFRESH_PATH, REFRESH_PATH, TOKEN_PATH
-from salesmsg_emulator.request_body import read_ahead
+from salesmsg_emulator.request_body import parse_json, read_ahead
 from salesmsg_emulator.runtime import Emulator
 
 # "{id:int}" in a route path is counted as "{id}"
@@ -64,7 +64,7 @@ async def drop_connection(receive: Receive) -> None:
 def _grant_type(body: bytes, content_type: str) -> str | None:
     try:
         if "json" in content_type:
-            value = json.loads(body or b"{}").get("grant_type")
+            value = parse_json(body or b"{}").get("grant_type")
             return value if isinstance(value, str) else None
         if "multipart" in content_type:
             match = _MULTIPART_GRANT.search(body)

@@ -40,6 +40,7 @@ from salesmsg_emulator.grants import (
     take_pending,
 )
 from salesmsg_emulator.records import User
+from salesmsg_emulator.request_body import parse_json
 from salesmsg_emulator.runtime import Emulator
 from salesmsg_emulator.scopes import PHI_SCOPES, SCOPES
 
@@ -149,7 +150,7 @@ async def _token_params(request: Request) -> tuple[dict[str, str], bool]:
     params: dict[str, str] = {}
     if content_type.endswith("json"):
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = parse_json(await request.body() or b"{}")
         except ValueError:
             raise OAuthError("invalid_request", "The request body is not valid JSON.") from None
         if not isinstance(body, dict):

@@ -1,4 +1,4 @@
-"""Reading a request body before the routes do, for the token endpoints' counters and hang-ups.
+"""Reading a request body: ahead of the routes (the token endpoints' counters and hang-ups), and as JSON.
 
 The middleware classifies a token request by its grant type, and carries out a refresh whose
 body arrived even if the client then hangs up (as Salesmsg would). ``read_ahead`` returns the
@@ -8,7 +8,19 @@ body was complete gives None, and the route sees the hang-up, never a truncated 
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from starlette.types import Message, Receive
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``json.loads``, with JSON nested past the parser's depth refused as invalid (ValueError), as
+    a server answers 400 rather than failing on it."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
 
 
 async def read_ahead(receive: Receive) -> tuple[bytes | None, Receive]:

@@ -86,7 +86,7 @@ def serve(host: str = "127.0.0.1", port: int = 8100, config_path: Path | None = 
     logger.info("Salesmsg emulator at %s (API %s%s, authorize %s/auth/oauth)", base, base, API_PREFIX, base)
     logger.info("OAuth client id(s): %s; controls %s; config %s", ", ".join(c.client_id for c in config.clients),
                 "on" if config.controls_enabled else "off", config_path or "built-in default")  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=config.keepalive_seconds)
 
 
 class EmulatorServer:
@@ -155,7 +155,8 @@ class EmulatorServer:
         self._socket = sock
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, log_level=None, access_log=False, lifespan="on",
-                                loop="asyncio", timeout_graceful_shutdown=2)  # fmt: skip
+                                loop="asyncio", timeout_graceful_shutdown=2,
+                                timeout_keep_alive=self.config.keepalive_seconds)  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"salesmsg-emulator-{self.port}", daemon=True)
         self._thread.start()

@@ -25,6 +25,7 @@ import typer
 import uvicorn
 
 from app.audit.audit_log import Actor
+from app.core.http_server import uvicorn_options
 from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.identity import api_keys, people
@@ -122,8 +123,7 @@ def connect_through_oauth(app_url: str, slug: str, user_id: int) -> None:
 def _serve_in_thread(settings: Settings, port: int) -> tuple[uvicorn.Server, threading.Thread]:
     from app.main import create_app
 
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                            log_config=None, access_log=False, server_header=False)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", **uvicorn_options(settings))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="app")
     thread.start()

@@ -37,7 +37,7 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     migrate: Annotated[bool, typer.Option(help="Upgrade the database to head before serving")] = False,
 ) -> None:
-    """Serve the app with uvicorn (uvloop and httptools)."""
+    """Serve the app with uvicorn (uvloop, httptools with bounded request heads)."""
     settings = load_settings()
     if migrate:
         from app.core.migrate import upgrade
@@ -45,11 +45,9 @@ def serve(
         upgrade(settings.database_url)
     if settings.is_sqlite and workers > 1:
         fail("SQLite serves one process; use PostgreSQL for several workers")
-    _run_uvicorn(host=host, port=port, workers=workers)
-
-
-def _run_uvicorn(*, host: str, port: int, workers: int) -> None:
     import uvicorn
+
+    from app.core.http_server import uvicorn_options
 
     uvicorn.run(
         "app.main:create_app_from_env",
@@ -58,12 +56,7 @@ def _run_uvicorn(*, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )
 
 

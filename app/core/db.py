@@ -25,7 +25,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
@@ -42,6 +42,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.database_pool_size,
         pool_recycle=1800,
         pool_timeout=10,
+        # an error names the statement, never its parameters (they can hold personal data)
+        hide_parameters=True,
         # No pre-ping: it would cost the proxy a round trip per request. A dropped
         # connection invalidates the pool on first use, and the next request reconnects.
         connect_args={"server_settings": {"application_name": "salesmsg-connect"}},

@@ -1,4 +1,5 @@
-"""The one pure-ASGI middleware every request passes: request id, access log, security headers.
+"""The one pure-ASGI middleware every request passes: request id, access log, security headers,
+the edge's input rules (``input_rules``: Host, characters, duplicate JSON keys) and body size.
 
 Pure ASGI (no ``BaseHTTPMiddleware``) so the proxy's hot path pays almost nothing for it. It
 also turns an exception that escaped every handler into our own 500 page, so even that answer
@@ -18,7 +19,8 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import render_error
+from app.core.errors import Refusal, render_error
+from app.core.input_rules import check_body, check_head, is_json
 from app.core.logs import get_logger
 from app.core.metrics import REQUEST_SECONDS, REQUESTS
 from app.kit.asgi import BodyTooLarge, buffer_body
@@ -27,6 +29,9 @@ log = get_logger("app.access")
 _ACCESS_LOG = logging.getLogger("app.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_FORM = "application/x-www-form-urlencoded"
+_TOO_LARGE = Refusal(413, "payload_too_large", "The request body is too large.")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
 CSP = (
@@ -88,20 +93,15 @@ class RequestContextMiddleware:
             await send(message)
 
         proxied = _is_proxy(scope["path"])
-        if not proxied:  # the proxy enforces its own, larger limit
-            declared = headers.get("content-length")
-            too_large = declared is not None and (not declared.isdigit() or int(declared) > self.max_body)
-            if declared is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-                try:  # chunked: read it now, up to the limit
-                    _body, receive = await buffer_body(receive, limit=self.max_body)
-                except BodyTooLarge:
-                    too_large = True
-            if too_large:
-                response = render_error(Request(scope), status_code=413, code="payload_too_large",
-                                        message="The request body is too large.")
-                await response(scope, receive, send_wrapper)
-                self._log(scope, 413, started)
-                return
+        refusal = check_head(scope)
+        if refusal is None and not proxied:  # the proxy has its own, larger limit and checks its JSON writes
+            refusal, receive = await self._check_body(scope, headers, receive)
+        if refusal is not None:
+            response = render_error(Request(scope), status_code=refusal.status_code, code=refusal.code,
+                                    message=refusal.message)
+            await response(scope, receive, send_wrapper)
+            self._log(scope, refusal.status_code, started)
+            return
         try:
             if proxied:  # the hot path skips the router and FastAPI's exception and exit-stack layers
                 await scope["app"].state.runtime.proxy.handle(scope, receive, send_wrapper)
@@ -114,6 +114,21 @@ class RequestContextMiddleware:
             await response(scope, receive, send_wrapper)
         finally:
             self._log(scope, status, started, proxied=proxied)
+
+    async def _check_body(self, scope: Scope, headers: Headers, receive: Receive) -> tuple[Refusal | None, Receive]:
+        """The size limit, and ``input_rules`` on a form or JSON body (read now, replayed to the app)."""
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return _TOO_LARGE, receive
+        content_type = headers.get("content-type")
+        checked = content_type is not None and (is_json(content_type) or content_type.lower().startswith(_FORM))
+        if scope["method"] not in _BODY_METHODS or (declared is not None and not checked):
+            return None, receive
+        try:  # chunked, or a body to check: read it now, up to the limit
+            body, receive = await buffer_body(receive, limit=self.max_body)
+        except BodyTooLarge:
+            return _TOO_LARGE, receive
+        return (check_body(content_type, body) if body is not None else None), receive
 
     @staticmethod
     def _log(scope: Scope, status: int, started: float, *, proxied: bool = False) -> None:

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
 
     metrics_enabled: bool = True
 
+    # the HTTP server (``salesmsg-connect serve``)
+    max_header_bytes: int = Field(default=64 * 1024, ge=4 * 1024, le=1024 * 1024)
+    max_headers: int = Field(default=100, ge=20, le=1000)
+    keepalive_seconds: int = Field(default=75, ge=1, le=3600)
+
     @field_validator("public_url", "salesmsg_api_base", "salesmsg_authorize_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

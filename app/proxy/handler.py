@@ -26,6 +26,7 @@ from app.audit.writer import AuditWriter
 from app.connections import policy, scopes
 from app.connections.view import ConnectionView
 from app.core.errors import AppError, Refusal, error_json
+from app.core.input_rules import check_json, is_json
 from app.core.logs import get_logger
 from app.core.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS, child
 from app.core.settings import Settings
@@ -179,6 +180,10 @@ class Proxy:
             raise Refusal(503, "audit_unavailable", "PHI access cannot be audited right now; try again shortly.",
                           {"Retry-After": "5"})
         body = await self._body(headers, receive)
+        if body and method != "DELETE" and is_json(headers.get("content-type")):
+            refusal = check_json(body)  # a duplicate key or a NUL is refused here as everywhere else
+            if refusal is not None:
+                raise refusal
         key = self._data_key(grant)
         forwarded = {name: value for name, value in headers.items() if name in FORWARD_REQUEST_HEADERS}
 

@@ -8,7 +8,6 @@ as is a JSON ``media_url`` list of strings or ``{"url": ...}`` objects.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -17,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 
 from salesmsg_emulator.api.guard import ApiError, invalid
+from salesmsg_emulator.request_body import parse_json
 
 _MEDIA_KEY = re.compile(r"^media_urls?(\[\d*\])?(\[url\])?$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -55,7 +55,7 @@ async def read_input(request: Request) -> Inputs:
         raw = await request.body()
         if raw.strip() and (content_type.endswith("json") or raw.lstrip()[:1] == b"{"):
             try:
-                parsed = json.loads(raw)
+                parsed = parse_json(raw)
             except ValueError:
                 raise ApiError(400, {"message": "The request body is not valid JSON."}) from None
             if not isinstance(parsed, dict):

@@ -325,3 +325,14 @@ def test_seed_is_fake_and_deterministic(acme: Api, emulator: ControlledEmulator)
     assert [c["id"] for c in acme.get("/contacts", length=100)["data"]] == [c["id"] for c in before]
     assert sorted(threads) == sorted((c["id"], c["latest_message"]["body"])
                                      for c in acme.get("/conversations", limit=100))  # fmt: skip
+
+
+def test_over_deep_json_is_a_400_not_a_500(emulator: ControlledEmulator, http: httpx.Client, acme: Api) -> None:
+    deep = b'{"first_name": ' + b"[" * 100_000 + b"]" * 100_000 + b', "number": "+12025550100"}'
+    answer = acme.request("POST", "/contacts", content=deep, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    token = http.post(emulator.refresh_url, content=b'{"refresh_token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                      headers={"Content-Type": "application/json"})
+    assert token.status_code == 400, token.text
+    control = http.patch(emulator.url + "/_emulator/settings", content=b"[" * 100_000 + b"]" * 100_000)
+    assert control.status_code == 422, control.text

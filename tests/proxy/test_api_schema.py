@@ -53,6 +53,23 @@ def api_schema(connected_settings):
 
 
 SEEN: list = []
+
+
+def with_nul(case) -> None:
+    """A NUL in every string the case sends: path and query parameters and top-level body fields."""
+    for params in (case.path_parameters, case.query):
+        for name, value in list((params or {}).items()):
+            if isinstance(value, str):
+                params[name] = value + "\x00"
+    if isinstance(case.body, dict):
+        case.body = {k: v + "\x00" if isinstance(v, str) else v for k, v in case.body.items()}
+
+
+def _code(response) -> str | None:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 TENANTS = st.sampled_from(["fuzz-one", "fuzz-two", "FUZZ-TWO", "no-such-tenant"])
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -64,14 +81,17 @@ def test_management_api_conforms_to_its_schema(api_schema):
 
     for operation in operations:
 
-        @given(case=operation.as_strategy(), tenant=TENANTS)
+        @given(case=operation.as_strategy(), tenant=TENANTS, nul=st.booleans())
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-        def check(case, tenant: str) -> None:
+        def check(case, tenant: str, nul: bool) -> None:
             if case.path_parameters and "tenant" in case.path_parameters:
                 case.path_parameters["tenant"] = tenant  # real tenants too, not only random strings
+            if nul:
+                with_nul(case)
             response = case.call_and_validate(checks=CHECKS)
-            SEEN.append((operation.label, response.status_code))
+            SEEN.append((operation.label, response.status_code, nul and _code(response)))
 
         check()
-    statuses = {status for _, status in SEEN}
+    statuses = {status for _, status, _ in SEEN}
     assert 200 in statuses and 201 in statuses and 404 in statuses and 422 in statuses
+    assert {code for _, _, code in SEEN if code} & {"invalid_character"}  # NULs were sent, and refused as such

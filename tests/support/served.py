@@ -9,6 +9,7 @@ import time
 import httpx
 import uvicorn
 
+from app.core.http_server import uvicorn_options
 from app.core.settings import Settings
 from app.main import create_app
 from tests.support.tcp_proxy import free_port
@@ -18,7 +19,8 @@ class ServedApp:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.app = create_app(settings, configure_logs=False)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on")
+        # the server settings `salesmsg-connect serve` uses (bounded heads, keep-alive), on asyncio
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on", **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -1,0 +1,96 @@
+"""What the edge refuses before any route or query runs.
+
+- Text PostgreSQL or our formats cannot hold: NUL (U+0000), and half of a UTF-16 surrogate pair
+  (U+D800 to U+DFFF, which a JSON ``\\u`` escape can spell but UTF-8 cannot carry). In the path or
+  the query string: 400 ``invalid_character``; in a form field, or a JSON string or key: 422
+  ``invalid_character``.
+- Ambiguous JSON: an object with the same key twice is 422 ``duplicate_key`` (a parser keeps the
+  last one, so ``{"hipaa": true, "hipaa": false}`` would quietly create a tenant without HIPAA);
+  nesting deeper than ``MAX_JSON_DEPTH`` is 400 ``json_too_deep``. JSON that does not parse at all
+  is left to the route, which answers it as before.
+- The Host header: an HTTP/1.1 request carries exactly one (RFC 9112, section 3.2), an HTTP/1.0
+  request at most one; otherwise 400 ``invalid_host``.
+
+Pure: the middleware applies these to every request (the proxy applies ``check_json`` to its
+JSON writes, whose bodies it relays).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import MutableMapping
+from typing import Any
+
+from app.core.errors import Refusal
+
+MAX_JSON_DEPTH = 32
+_UNHOLDABLE = re.compile("[\x00\ud800-\udfff]")
+_CHARACTER = "A value holds a character we cannot store (a NUL, or half of a UTF-16 surrogate pair)."
+
+
+class _DuplicateKey(Exception):
+    """Not a ValueError: json.loads must not mistake it for malformed input."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _DuplicateKey()
+    return found
+
+
+def check_head(scope: MutableMapping[str, Any]) -> Refusal | None:
+    """The Host header, and the path and query string."""
+    hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
+    if hosts > 1 or (hosts == 0 and scope.get("http_version") != "1.0"):
+        return Refusal(400, "invalid_host", "A request carries exactly one Host header.")
+    query: bytes = scope.get("query_string", b"")
+    if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+        return Refusal(400, "invalid_character", _CHARACTER)
+    return None
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def check_body(content_type: str | None, body: bytes) -> Refusal | None:
+    """A form's fields or a JSON body (other media types are the route's to judge)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        return Refusal(422, "invalid_character", _CHARACTER) if b"%00" in body or b"\x00" in body else None
+    if is_json(media):
+        return check_json(body)
+    return None
+
+
+def check_json(body: bytes) -> Refusal | None:
+    try:
+        parsed = json.loads(body, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey:
+        return Refusal(422, "duplicate_key", "A JSON object names the same key twice.")
+    except RecursionError:
+        return _too_deep()
+    except ValueError:
+        return None  # not JSON at all: the route answers that
+    stack: list[tuple[Any, int]] = [(parsed, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _UNHOLDABLE.search(value):
+                return Refusal(422, "invalid_character", _CHARACTER)
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return _too_deep()
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and _UNHOLDABLE.search(key):
+                    return Refusal(422, "invalid_character", _CHARACTER)
+                stack.append((item, depth + 1))
+    return None
+
+
+def _too_deep() -> Refusal:
+    return Refusal(400, "json_too_deep", f"The JSON is nested more than {MAX_JSON_DEPTH} levels deep.")
