@@ -60,6 +60,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # the request target and header bytes the parser has handed us
         self._too_large = False
         self._refused = False
+        self._owed_431 = False  # refused while an earlier (pipelined) request is still being answered
 
     # -- counting ---------------------------------------------------------------------------
 
@@ -118,6 +119,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         self.logger.warning("request head refused: over %d bytes or %d fields", self.limits.max_bytes,
                             self.limits.max_fields)
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            self._owed_431 = True  # answer in order: after the requests before it
+            return
+        self._send_431()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._owed_431 and not self.pipeline and not self.transport.is_closing():
+            self._owed_431 = False
+            self._send_431()
+
+    def _send_431(self) -> None:
+        self._unset_keepalive_if_required()
         lines = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         lines += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         lines += [b"content-type: application/json\r\n", b"content-length: " + str(len(_431)).encode() + b"\r\n",

@@ -10,9 +10,10 @@
   is left to the route, which answers it as before.
 - The Host header: an HTTP/1.1 request carries exactly one (RFC 9112, section 3.2), an HTTP/1.0
   request at most one; otherwise 400 ``invalid_host``.
+- A multipart body is refused (415 ``unsupported_media_type``): no form of ours sends one.
 
-Pure: the middleware applies these to every request (the proxy applies ``check_json`` to its
-JSON writes, whose bodies it relays).
+Pure: the middleware applies these to every request but the proxy's, which applies them itself
+(after it knows the endpoint, so a refused PHI call is audited like every other refusal).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def check_head(scope: MutableMapping[str, Any]) -> Refusal | None:
-    """The Host header, and the path and query string."""
+def check_host(scope: MutableMapping[str, Any]) -> Refusal | None:
     hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
     if hosts > 1 or (hosts == 0 and scope.get("http_version") != "1.0"):
         return Refusal(400, "invalid_host", "A request carries exactly one Host header.")
+    return None
+
+
+def check_url(scope: MutableMapping[str, Any]) -> Refusal | None:
+    """The path and the query string."""
     query: bytes = scope.get("query_string", b"")
     if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
         return Refusal(400, "invalid_character", _CHARACTER)
@@ -57,8 +62,12 @@ def is_json(content_type: str | None) -> bool:
 
 
 def check_body(content_type: str | None, body: bytes) -> Refusal | None:
-    """A form's fields or a JSON body (other media types are the route's to judge)."""
+    """A form's fields or a JSON body; multipart is refused (no form of ours sends it, and its
+    ``charset`` parameter could spell a NUL no byte scan sees). Other media types are the
+    route's to judge."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("multipart/"):
+        return Refusal(415, "unsupported_media_type", "Send forms as application/x-www-form-urlencoded, data as JSON.")
     if media == "application/x-www-form-urlencoded":
         return Refusal(422, "invalid_character", _CHARACTER) if b"%00" in body or b"\x00" in body else None
     if is_json(media):

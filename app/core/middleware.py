@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import Refusal, render_error
-from app.core.input_rules import check_body, check_head, is_json
+from app.core.input_rules import check_body, check_host, check_url, is_json
 from app.core.logs import get_logger
 from app.core.metrics import REQUEST_SECONDS, REQUESTS
 from app.kit.asgi import BodyTooLarge, buffer_body
@@ -30,7 +30,7 @@ _ACCESS_LOG = logging.getLogger("app.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_FORM = "application/x-www-form-urlencoded"
+_CHECKED_FORMS = ("application/x-www-form-urlencoded", "multipart/")
 _TOO_LARGE = Refusal(413, "payload_too_large", "The request body is too large.")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
@@ -93,9 +93,11 @@ class RequestContextMiddleware:
             await send(message)
 
         proxied = _is_proxy(scope["path"])
-        refusal = check_head(scope)
-        if refusal is None and not proxied:  # the proxy has its own, larger limit and checks its JSON writes
-            refusal, receive = await self._check_body(scope, headers, receive)
+        refusal = None
+        if not proxied:  # the proxy applies the same rules itself, and has its own, larger body limit
+            refusal = check_host(scope) or check_url(scope)
+            if refusal is None:
+                refusal, receive = await self._check_body(scope, headers, receive)
         if refusal is not None:
             response = render_error(Request(scope), status_code=refusal.status_code, code=refusal.code,
                                     message=refusal.message)
@@ -121,7 +123,7 @@ class RequestContextMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return _TOO_LARGE, receive
         content_type = headers.get("content-type")
-        checked = content_type is not None and (is_json(content_type) or content_type.lower().startswith(_FORM))
+        checked = content_type is not None and (is_json(content_type) or content_type.lower().startswith(_CHECKED_FORMS))
         if scope["method"] not in _BODY_METHODS or (declared is not None and not checked):
             return None, receive
         try:  # chunked, or a body to check: read it now, up to the limit

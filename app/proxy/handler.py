@@ -26,7 +26,7 @@ from app.audit.writer import AuditWriter
 from app.connections import policy, scopes
 from app.connections.view import ConnectionView
 from app.core.errors import AppError, Refusal, error_json
-from app.core.input_rules import check_json, is_json
+from app.core.input_rules import check_host, check_json, check_url, is_json
 from app.core.logs import get_logger
 from app.core.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS, child
 from app.core.settings import Settings
@@ -138,6 +138,9 @@ class Proxy:
         self, scope: Scope, receive: Receive, method: str, request_id: str, context: dict[str, Any]
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         started = time.perf_counter()
+        refusal = check_host(scope)
+        if refusal is not None:
+            raise refusal
         if method not in METHODS:
             raise Refusal(405, "method_not_allowed", "That method is not proxied.")
         query: bytes = scope.get("query_string", b"")
@@ -155,6 +158,9 @@ class Proxy:
         if endpoint is None:
             raise Refusal(404, "unknown_endpoint", "This Salesmsg endpoint is not one the proxy knows; it is refused.")
         context["endpoint"] = endpoint
+        refusal = check_url(scope)  # a NUL in the tenant reference or the query (audited: the endpoint is known)
+        if refusal is not None:
+            raise refusal
         if presented is None:
             raise Refusal(401, "missing_api_key", "Send 'Authorization: Bearer <api key>'.", {"WWW-Authenticate": "Bearer"})
         if prefix is None:
@@ -180,7 +186,7 @@ class Proxy:
             raise Refusal(503, "audit_unavailable", "PHI access cannot be audited right now; try again shortly.",
                           {"Retry-After": "5"})
         body = await self._body(headers, receive)
-        if body and method != "DELETE" and is_json(headers.get("content-type")):
+        if body and is_json(headers.get("content-type")):
             refusal = check_json(body)  # a duplicate key or a NUL is refused here as everywhere else
             if refusal is not None:
                 raise refusal

@@ -11,10 +11,12 @@ import re
 
 import pytest
 from fastapi.routing import APIRoute
+from sqlalchemy import select
 
+from app.core.models import AuditEntry
 from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
 from tests.security.test_attacks import fill, table_counts
-from tests.support.journeys import auth, connected_tenant, make_api_key, make_tenant, make_user
+from tests.support.journeys import auth, connected_tenant, csrf_of, make_api_key, make_tenant, make_user
 
 NUL = "a\x00b"
 LONE_SURROGATE = "\ud800"
@@ -109,6 +111,17 @@ async def test_a_nul_in_any_form_field_is_refused(runtime, live_app, browser, up
     assert await table_counts(runtime) == before
 
 
+async def test_multipart_bodies_are_refused_since_no_form_of_ours_sends_one(runtime, client_for, browser, operator_key):
+    """A multipart field can spell a NUL through its charset (UTF-7 ``+AAA-``), which no byte scan sees."""
+    page = await browser.app_client.get("/login")
+    csrf = csrf_of(page.text)
+    files = {"csrf_token": (None, csrf), "email": (None, "a+AAA-b@example.com"), "password": (None, "x" * 12)}
+    answer = await browser.app_client.post("/login", files=files)
+    assert answer.status_code == 415
+    api = await client_for.post("/api/v1/tenants", files={"slug": (None, "multi"), "name": (None, "Multi")}, headers=auth(operator_key))
+    _expect_refused(api, status=415, code="unsupported_media_type")
+
+
 async def test_a_nul_in_a_page_url_is_refused(browser):
     for url in ("/t/a%00b", "/t/victim/conversations?q=a%00b", "/tenants?q=%00"):
         answer = await browser.app_client.get(url)
@@ -140,6 +153,10 @@ async def test_the_proxy_refuses_duplicate_keys_and_nul_in_json_writes_without_c
         _expect_refused(answer, status=422, code=code)
     answer = await client_for.get("/api/v1/tenants/dupes/proxy/conversations?filter=open&query=a%00b", headers=auth(key))
     _expect_refused(answer, status=400, code="invalid_character")
+    await runtime.audit_writer.flush()  # the refused PHI call is audited like any other refusal
+    async with runtime.db.session() as session:
+        decisions = (await session.scalars(select(AuditEntry.details).where(AuditEntry.action == "proxy.phi_access"))).all()
+    assert any(d.get("decision") == "invalid_character" for d in decisions)
     assert not [name for name in upstream.controls.counters() if name.startswith("api.")]
     # a well-formed write still goes through
     good = await client_for.post(url, json={"first_name": "A", "number": "+12025550100"}, headers=auth(key))
@@ -154,8 +171,11 @@ async def test_over_deep_json_is_a_4xx(runtime, client_for, operator_key):
 
 
 async def test_requests_need_exactly_one_host(live_app):
-    """RFC 9112 section 3.2: a request without a Host, or with two, is answered 400 (HTTP/1.1)."""
-    for headers in ([], [(b"host", b"127.0.0.1:8000"), (b"host", b"evil.example")]):
+    """RFC 9112 section 3.2: an HTTP/1.1 request without a Host, or any with two, is answered 400;
+    HTTP/1.0 may leave it out."""
+    cases = [("1.1", [], 400), ("1.1", [(b"host", b"127.0.0.1:8000"), (b"host", b"evil.example")], 400),
+             ("1.0", [(b"host", b"a"), (b"host", b"b")], 400), ("1.0", [], 200), ("1.1", [(b"host", b"127.0.0.1")], 200)]
+    for version, headers, expected in cases:
         sent: list[dict] = []
 
         async def receive() -> dict:
@@ -164,11 +184,12 @@ async def test_requests_need_exactly_one_host(live_app):
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": version, "method": "GET", "scheme": "http",
                  "path": "/healthz", "raw_path": b"/healthz", "query_string": b"", "root_path": "", "headers": headers,
                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "app": live_app, "state": {}}
         await live_app(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
-        assert start["status"] == 400, headers
-        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-        assert json.loads(body)["error"]["code"] == "invalid_host"
+        assert start["status"] == expected, (version, headers)
+        if expected == 400:
+            body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+            assert json.loads(body)["error"]["code"] == "invalid_host"

@@ -24,24 +24,20 @@ def _request(port: int, head: bytes, *, timeout: float = 10.0) -> tuple[int, byt
             sock.sendall(head)
         except OSError:
             pass  # the server answered and stopped reading before we finished: read its answer
-        return _read_answer(sock)
+        return _read_answer(sock.makefile("rb"))
 
 
-def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), b"0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(head.split(b" ", 2)[1]), body
+def _read_answer(answers: io.BufferedReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer from the connection's reader (the next one stays buffered)."""
+    status_line = answers.readline()
+    if not status_line:
+        raise ConnectionError("the server closed the connection without an answer")
+    length = 0
+    while (line := answers.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(status_line.split(b" ", 2)[1]), answers.read(length)
 
 
 def _get(extra: bytes = b"") -> bytes:
@@ -80,8 +76,18 @@ def test_a_head_that_keeps_growing_is_refused_before_it_ends(served):
     """The first 256 KiB of a header that never ends get the 431: nothing waits for (or buffers) the rest."""
     with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"a" * (256 * 1024))
-        status, _ = _read_answer(sock)
+        status, _ = _read_answer(sock.makefile("rb"))
     assert status == 431
+
+
+def test_a_pipelined_request_past_the_bounds_is_answered_after_the_one_before_it(served):
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(_get() + _get(b"X-Big: " + b"a" * (100 * 1024) + b"\r\n"))
+        answers = sock.makefile("rb")
+        first, _ = _read_answer(answers)
+        second, body = _read_answer(answers)
+    assert (first, second) == (200, 431)
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
 
 
 def test_the_bounds_are_settings(settings):
@@ -95,7 +101,7 @@ def test_keep_alive_outlasts_load_balancers_and_is_a_setting(settings):
     with ServedApp(settings.model_copy(update={"keepalive_seconds": 1})) as app:
         with socket.create_connection(("127.0.0.1", app.port), timeout=15) as sock:
             sock.sendall(_get())
-            assert _read_answer(sock)[0] == 200
+            assert _read_answer(sock.makefile("rb"))[0] == 200
             started = time.monotonic()
             assert sock.recv(1) == b""  # the server closes the idle connection itself
             assert time.monotonic() - started < 14
