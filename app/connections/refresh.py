@@ -28,8 +28,10 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 
@@ -136,7 +138,7 @@ class Refresher:
             return await asyncio.shield(running)
         return await self._start(connection_id, self._refresh(connection_id, seen_version=seen_version, force=force))
 
-    async def _start(self, connection_id: uuid.UUID, work) -> AccessToken:  # noqa: ANN001 - a coroutine
+    async def _start(self, connection_id: uuid.UUID, work: Coroutine[Any, Any, AccessToken]) -> AccessToken:
         task = asyncio.get_running_loop().create_task(work)
         self._inflight[connection_id] = task
         task.add_done_callback(lambda _t: self._inflight.pop(connection_id, None))

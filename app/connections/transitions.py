@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import audit_log
@@ -216,7 +216,7 @@ async def refresh_failed(
 # -- the refresh lease: one refresher at a time, across every process ------------------------
 
 
-def _free_or_expired(now: datetime):  # noqa: ANN202 - a SQL expression
+def _free_or_expired(now: datetime) -> ColumnElement[bool]:
     return or_(Connection.lease_owner.is_(None), Connection.lease_expires_at < now)
 
 

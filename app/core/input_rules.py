@@ -56,21 +56,36 @@ def check_url(scope: MutableMapping[str, Any]) -> Refusal | None:
     return None
 
 
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def is_json(content_type: str | None) -> bool:
-    media = (content_type or "").split(";", 1)[0].strip().lower()
+    media = _media(content_type)
     return media == "application/json" or media.endswith("+json")
 
 
-def check_body(content_type: str | None, body: bytes) -> Refusal | None:
-    """A form's fields or a JSON body; multipart is refused (no form of ours sends it, and its
-    ``charset`` parameter could spell a NUL no byte scan sees). Other media types are the
-    route's to judge."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media.startswith("multipart/"):
+def check_media(content_type: str | None) -> Refusal | None:
+    """Multipart is refused before its body is read: no form of ours sends it, and its ``charset``
+    parameter could spell a NUL that no byte scan sees."""
+    if _media(content_type).startswith("multipart/"):
         return Refusal(415, "unsupported_media_type", "Send forms as application/x-www-form-urlencoded, data as JSON.")
-    if media == "application/x-www-form-urlencoded":
+    return None
+
+
+def checks_body(content_type: str | None) -> bool:
+    """Whether ``check_body`` judges this media type (a form or JSON); others are the route's."""
+    return _media(content_type) == _FORM or is_json(content_type)
+
+
+def check_body(content_type: str | None, body: bytes) -> Refusal | None:
+    """A form's fields or a JSON body."""
+    if _media(content_type) == _FORM:
         return Refusal(422, "invalid_character", _CHARACTER) if b"%00" in body or b"\x00" in body else None
-    if is_json(media):
+    if is_json(content_type):
         return check_json(body)
     return None
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import Refusal, render_error
-from app.core.input_rules import check_body, check_host, check_url, is_json
+from app.core.input_rules import check_body, check_host, check_media, check_url, checks_body
 from app.core.logs import get_logger
 from app.core.metrics import REQUEST_SECONDS, REQUESTS
 from app.kit.asgi import BodyTooLarge, buffer_body
@@ -30,7 +30,6 @@ _ACCESS_LOG = logging.getLogger("app.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_CHECKED_FORMS = ("application/x-www-form-urlencoded", "multipart/")
 _TOO_LARGE = Refusal(413, "payload_too_large", "The request body is too large.")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
@@ -122,10 +121,12 @@ class RequestContextMiddleware:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return _TOO_LARGE, receive
-        content_type = headers.get("content-type")
-        checked = content_type is not None and (is_json(content_type) or content_type.lower().startswith(_CHECKED_FORMS))
-        if scope["method"] not in _BODY_METHODS or (declared is not None and not checked):
+        if scope["method"] not in _BODY_METHODS:
             return None, receive
+        content_type = headers.get("content-type")
+        refusal = check_media(content_type)
+        if refusal is not None or (declared is not None and not checks_body(content_type)):
+            return refusal, receive
         try:  # chunked, or a body to check: read it now, up to the limit
             body, receive = await buffer_body(receive, limit=self.max_body)
         except BodyTooLarge:

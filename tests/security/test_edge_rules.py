@@ -173,9 +173,12 @@ async def test_over_deep_json_is_a_4xx(runtime, client_for, operator_key):
 async def test_requests_need_exactly_one_host(live_app):
     """RFC 9112 section 3.2: an HTTP/1.1 request without a Host, or any with two, is answered 400;
     HTTP/1.0 may leave it out."""
-    cases = [("1.1", [], 400), ("1.1", [(b"host", b"127.0.0.1:8000"), (b"host", b"evil.example")], 400),
-             ("1.0", [(b"host", b"a"), (b"host", b"b")], 400), ("1.0", [], 200), ("1.1", [(b"host", b"127.0.0.1")], 200)]
-    for version, headers, expected in cases:
+    proxy = "/api/v1/tenants/victim/proxy/conversations"  # the proxy applies the rule itself
+    cases = [("1.1", [], 400, "/healthz"), ("1.1", [(b"host", b"127.0.0.1:8000"), (b"host", b"evil.example")], 400, "/healthz"),
+             ("1.0", [(b"host", b"a"), (b"host", b"b")], 400, "/healthz"), ("1.0", [], 200, "/healthz"),
+             ("1.1", [(b"host", b"127.0.0.1")], 200, "/healthz"), ("1.1", [], 400, proxy),
+             ("1.1", [(b"host", b"a"), (b"host", b"b")], 400, proxy)]
+    for version, headers, expected, path in cases:
         sent: list[dict] = []
 
         async def receive() -> dict:
@@ -185,7 +188,7 @@ async def test_requests_need_exactly_one_host(live_app):
             sent.append(message)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": version, "method": "GET", "scheme": "http",
-                 "path": "/healthz", "raw_path": b"/healthz", "query_string": b"", "root_path": "", "headers": headers,
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "app": live_app, "state": {}}
         await live_app(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
