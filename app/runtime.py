@@ -14,6 +14,8 @@ from app.core.db import Database, create_engine
 from app.core.migrate import head_revision
 from app.core.settings import Settings
 from app.identity.key_usage import UsageRecorder
+from app.proxy.budget import UpstreamBudget
+from app.proxy.budget_stores import budget_store
 from app.proxy.grants import GrantLookup
 from app.proxy.handler import Proxy
 from app.proxy.idempotency import Idempotency
@@ -68,7 +70,8 @@ class Runtime:
         audit_writer = AuditWriter(db)
         usage = UsageRecorder(db)
         rate_limits = RateLimits(settings)
-        upstream = Upstream(settings=settings, http=http, refresher=refresher)
+        budget = UpstreamBudget(settings=settings, store=budget_store(settings, db))
+        upstream = Upstream(settings=settings, http=http, refresher=refresher, budget=budget)
         idempotency = Idempotency(db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
                                   wait_seconds=settings.salesmsg_timeout_seconds + 5)
         proxy = Proxy(
@@ -109,5 +112,6 @@ class Runtime:
         await self.idempotency.close()
         await self.audit_writer.stop()
         await self.rate_limits.close()
+        await self.upstream.budget.close()
         await self.http.close()
         await self.db.dispose()

@@ -823,7 +823,8 @@ def main() -> int:
                    "stampede_workers": cfg.stampede_workers, "sections": sorted(cfg.only),
                    "app_tree": str(cfg.app_tree) if cfg.app_tree else "this checkout"},
         "app_run_as": ("salesmsg-connect serve --workers N (uvicorn, uvloop, httptools) on PostgreSQL, SMC_ENV=development, "
-                       "SMC_LOG_LEVEL=WARNING, SMC_RATE_LIMIT_PER_KEY/_PER_TENANT=1000000/minute, in-memory rate limits; "
+                       "SMC_LOG_LEVEL=WARNING, SMC_RATE_LIMIT_PER_KEY/_PER_TENANT=1000000/minute, in-memory rate limits, "
+                       "SMC_UPSTREAM_BUDGET_PER_MINUTE=1000000000 (the budget's ledger in PostgreSQL on every call); "
                        "emulator: python -m salesmsg_emulator --config (rate_limit_per_minute 0, controls on)"),
     }
     registry = Registry()

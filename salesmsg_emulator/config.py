@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -108,6 +108,12 @@ class MessageStatusDelays(_Strict):
     delivered: float = Field(default=2.0, ge=0, description="sent -> delivered, after sent_at")
 
 
+RateLimitScope = Literal["org", "app", "token"]
+TokenAnswer = Literal["observed", "401", "403", "500"]
+DeadTokenAnswer = Literal["as_invalid", "401", "403", "500"]
+ContactsListScope = Literal["contacts:read", "contacts:write"]
+
+
 class EmulatorConfig(_Strict):
     """Everything the emulator needs to know at start."""
 
@@ -118,6 +124,22 @@ class EmulatorConfig(_Strict):
 
     auto_approve: bool = False
     rate_limit_per_minute: int = Field(default=60, ge=0)
+    # What shares one budget (Salesmsg does not publish it): "org" (every token of the org),
+    # "app" (the OAuth client; a PAT counts as its user's own app) or "token" (one authorization:
+    # an OAuth grant with every token refreshed from it, a PAT with its replacements).
+    rate_limit_scope: RateLimitScope = "org"
+    # Whether a request during the 60 s lockout restarts it (unknown at Salesmsg).
+    rate_limit_lockout_extends: bool = False
+    # How a token that is not a decodable JWT (nor a known PAT) is answered: "observed" is what
+    # was seen (403 "Could not decode token: ..." everywhere, 500 {"message": null} on GET /teams).
+    invalid_token_answer: TokenAnswer = "observed"
+    # How a well-formed token that is expired, revoked, unknown or badly signed is answered
+    # (never observed): "as_invalid" answers it like invalid_token_answer.
+    dead_token_answer: DeadTokenAnswer = "as_invalid"
+    # The scope POST /contacts/list requires: the v2.3 document tags it contacts:write.
+    contacts_list_scope: ContactsListScope = "contacts:write"
+    # Whether automated messages name the member who set them up in user_id/user (unknown).
+    automated_messages_user: bool = False
     html_errors: bool = False
     # how long an idle keep-alive connection stays open (Salesmsg's own is unknown): longer than the
     # 30 s a client like ours keeps one, so a reused connection is never one being closed

@@ -10,6 +10,9 @@ Reading:
 - ``GET /_emulator/settings`` -> the run-time settings
 - ``GET /_emulator/clock`` -> ``{"now", "now_iso", "offset"}``
 - ``GET /_emulator/orgs`` -> orgs with their users and teams
+- ``GET /_emulator/rate-limits`` -> ``{"scope", "per_minute", "budgets": {key: {"in_window",
+  "blocked_until"}}, "orgs": {org_id: {"served", "rate_limited"}}}`` (the counters
+  ``org.<id>.served`` and ``org.<id>.rate_limited``)
 - ``GET /_emulator/grants?org_id=&user_id=&client_id=`` -> grants with ``revoked``, ``revoked_reason``,
   ``refresh_count``
 
@@ -30,7 +33,9 @@ Faults (never applied to ``/_emulator`` itself):
 
 State:
 - ``PATCH /_emulator/settings`` ``{"auto_approve", "rate_limit_per_minute", "html_errors",
-  "access_token_ttl", "pat_ttl", "code_ttl", "sent_delay", "delivered_delay"}`` (any subset)
+  "access_token_ttl", "pat_ttl", "code_ttl", "sent_delay", "delivered_delay", "rate_limit_scope",
+  "rate_limit_lockout_extends", "invalid_token_answer", "dead_token_answer", "contacts_list_scope",
+  "automated_messages_user"}`` (any subset)
 - ``POST /_emulator/clock/advance`` ``{"seconds"}``: move the clock forward (codes and tokens expire,
   message statuses progress, rate-limit lockouts end)
 - ``POST /_emulator/grants/revoke`` ``{"org_id", "user_id", "client_id", "access_token"}``: revoke the
@@ -276,6 +281,22 @@ async def orgs(request: Request, emulator: Emulator) -> Any:
         ]  # fmt: skip
 
 
+async def rate_limits(request: Request, emulator: Emulator) -> Any:
+    counts = emulator.counters.snapshot()
+    orgs: dict[str, dict[str, int]] = {}
+    for name, value in counts.items():
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "org" and parts[2] in ("served", "rate_limited"):
+            orgs.setdefault(parts[1], {"served": 0, "rate_limited": 0})[parts[2]] = value
+    now = emulator.store.now()
+    budgets = {
+        key: {"in_window": b["in_window"], "blocked_until": iso(b["blocked_until"]) if b["blocked_until"] else None}
+        for key, b in emulator.rate_limiter.snapshot(now).items()
+    }
+    return {"scope": emulator.settings.rate_limit_scope, "per_minute": emulator.settings.rate_limit_per_minute,
+            "budgets": budgets, "orgs": orgs}  # fmt: skip
+
+
 async def grants(request: Request, emulator: Emulator) -> Any:
     q = request.query_params
     with emulator.store.read() as store:
@@ -388,6 +409,7 @@ def routes() -> list[Route]:
         Route(f"{p}/clock", control(clock), methods=["GET"]),
         Route(f"{p}/clock/advance", control(advance_clock), methods=["POST"]),
         Route(f"{p}/orgs", control(orgs), methods=["GET"]),
+        Route(f"{p}/rate-limits", control(rate_limits), methods=["GET"]),
         Route(f"{p}/orgs/{{org_id:int}}", control(patch_org), methods=["PATCH"]),
         Route(f"{p}/grants", control(grants), methods=["GET"]),
         Route(f"{p}/grants/revoke", control(revoke), methods=["POST"]),

@@ -14,7 +14,7 @@ import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from salesmsg_emulator.records import (
     AccessToken,
@@ -64,14 +64,18 @@ class BaaRequired(Exception):
     """PHI scopes requested for a HIPAA org by a client without a signed BAA."""
 
 
-class AuthFailure(Exception):
-    """A bearer token was missing, undecodable, or not (any longer) valid."""
+AuthFailureKind = Literal["missing", "malformed", "dead"]
 
-    def __init__(self, status: int, message: str, auth_required: bool) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.auth_required = auth_required
+
+class AuthFailure(Exception):
+    """A bearer token was ``missing``, ``malformed`` (not a decodable JWT nor a known PAT) or
+    ``dead`` (well-formed but badly signed, unknown, expired or revoked); ``reason`` says which.
+    How each is answered is the API guard's business (the run-time settings decide)."""
+
+    def __init__(self, kind: AuthFailureKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
 
 
 class AuthorizeError(Exception):
@@ -128,26 +132,29 @@ def find_token(store: Store, raw: str) -> AccessToken | None:
 
 
 def authenticate(store: Store, raw: str | None) -> AccessToken:
-    """The active token record for a bearer string, or ``AuthFailure`` shaped as Salesmsg answers."""
+    """The active token record for a bearer string, or ``AuthFailure`` saying what is wrong with it."""
     if not raw:
-        raise AuthFailure(401, "Unauthorized", False)
+        raise AuthFailure("missing", "No bearer token")
     with store.read():
         record = store.access_tokens.get(raw)
         if record is None:
             try:
                 claims = decode_jwt(raw, store.secret)
             except TokenDecodeError as exc:
-                raise AuthFailure(403, f"Could not decode token: {exc}", True) from exc
+                raise AuthFailure("malformed", str(exc)) from exc
             except TokenSignatureError as exc:
-                raise AuthFailure(401, "Unauthenticated.", True) from exc
+                raise AuthFailure("dead", str(exc)) from exc
             record = store.access_tokens.get(str(claims.get("jti")))
-        if record is None or not token_is_active(store, record):
-            raise AuthFailure(401, "Unauthenticated.", True)
+        if record is None:
+            raise AuthFailure("dead", "Unknown token")
+        if not token_is_active(store, record):
+            expired = record.expires_at is not None and record.expires_at <= store.now()
+            raise AuthFailure("dead", "Expired token" if expired else "Token has been revoked")
         return record
 
 
 def issue_access_token(store: Store, *, kind: TokenKind, org_id: int, user_id: int, scopes: list[str],
-                       ttl: float | None, grant_id: str | None = None) -> str:  # fmt: skip
+                       ttl: float | None, grant_id: str | None = None, family: str | None = None) -> str:  # fmt: skip
     now = store.now()
     jti = new_jti()
     claims: dict[str, Any] = {"jti": jti, "sub": str(user_id), "org": org_id, "scope": format_scope(scopes),
@@ -156,7 +163,7 @@ def issue_access_token(store: Store, *, kind: TokenKind, org_id: int, user_id: i
         claims["exp"] = int(now + ttl)
     store.access_tokens[jti] = AccessToken(
         jti=jti, kind=kind, org_id=org_id, user_id=user_id, scopes=list(scopes), issued_at=now,
-        expires_at=now + ttl if ttl is not None else None, grant_id=grant_id,
+        expires_at=now + ttl if ttl is not None else None, grant_id=grant_id, family=family,
     )  # fmt: skip
     return encode_jwt(claims, store.secret)
 
@@ -335,7 +342,8 @@ def refresh_pat(store: Store, raw: str | None, pat_ttl: int) -> TokenSet:
             raise OAuthError("invalid_request", "Only a personal access token can be refreshed here.")
         current.revoked_at = store.now()
         token = issue_access_token(store, kind="pat", org_id=current.org_id, user_id=current.user_id,
-                                   scopes=current.scopes, ttl=pat_ttl)  # fmt: skip
+                                   scopes=current.scopes, ttl=pat_ttl,
+                                   family=current.family or current.jti)  # fmt: skip
         return TokenSet(token, pat_ttl, list(current.scopes))
 
 

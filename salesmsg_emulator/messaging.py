@@ -15,6 +15,10 @@ from salesmsg_emulator.records import Contact, Conversation, Message
 from salesmsg_emulator.state import Store
 
 MAX_MESSAGE_LENGTH = 1600
+# ``source`` of a message (Salesmsg's values are not published; these are the emulator's):
+SOURCE_API = "api"  # sent through the Public API
+SOURCE_APP = "app"  # sent by a member in Salesmsg's own app (seed data)
+SOURCE_AUTOMATION = "automation"  # sent by an automation (seed data; ``automated`` true)
 _E164 = re.compile(r"^\+[1-9]\d{7,14}$")
 
 
@@ -56,7 +60,7 @@ def send_outbound(store: Store, conversation: Conversation, *, user_id: int | No
     message = Message(
         id=store.next_id("message"), org_id=conversation.org_id, conversation_id=conversation.id,
         direction="outbound", type="sms", body=body, user_id=user_id, automated=False, created_at=now,
-        send_at=send_at, queued_at=now,
+        send_at=send_at, queued_at=now, source=SOURCE_API,
     )  # fmt: skip
     message.media = media_items(media_urls, message.id)
     if contact.opt_out or contact.is_blocked:
@@ -99,7 +103,14 @@ def find_or_create_contact(store: Store, org_id: int, number: str) -> Contact:
 
 
 def find_or_create_conversation(store: Store, org_id: int, contact: Contact, team_id: int) -> Conversation:
+    return find_or_start_conversation(store, org_id, contact, team_id)[0]
+
+
+def find_or_start_conversation(store: Store, org_id: int, contact: Contact, team_id: int
+                               ) -> tuple[Conversation, bool]:  # fmt: skip
+    """The conversation of ``contact`` in team ``team_id``, and whether it was just created."""
     conversation = store.conversation_with(org_id, contact.id, team_id)
+    created = conversation is None
     if conversation is None:
         now = store.now()
         conversation = Conversation(
@@ -107,4 +118,4 @@ def find_or_create_conversation(store: Store, org_id: int, contact: Contact, tea
             closed_at=None, unread_count=0, created_at=now, updated_at=now,
         )  # fmt: skip
         store.conversations[conversation.id] = conversation
-    return conversation
+    return conversation, created

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from salesmsg_emulator.api.guard import API_PREFIX, bearer_token, emulator_of
+from salesmsg_emulator.api.guard import API_PREFIX, auth_failure_answer, bearer_token, emulator_of
 from salesmsg_emulator.grants import (
     AuthFailure,
     AuthorizeError,
@@ -250,8 +250,9 @@ async def personal_token_refresh(request: Request) -> Response:
     try:
         tokens = refresh_pat(emulator.store, bearer_token(request), emulator.settings.pat_ttl)
     except AuthFailure as failure:
-        emulator.counters.add(f"token.pat_refresh.auth_{failure.status}")
-        return JSONResponse({"message": failure.message, "auth_required": failure.auth_required}, failure.status)
+        status, payload = auth_failure_answer(emulator.settings, failure)
+        emulator.counters.add(f"token.pat_refresh.auth_{status}")
+        return JSONResponse(payload, status)
     except OAuthError as error:
         return _oauth_error(emulator, "pat_refresh", error, False)
     return JSONResponse(tokens.as_json(include_scope=False), 200, _NO_STORE)

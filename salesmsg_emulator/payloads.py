@@ -4,6 +4,7 @@ Times render as ISO 8601 UTC with microseconds (``2024-05-01T12:00:00.000000Z``,
 Laravel's format). An outbound message's status is derived from its planned
 times and the clock: ``queued`` -> ``sent`` -> ``delivered`` (or ``failed``);
 an inbound message is ``received``. Times still in the future render as null.
+Message objects carry no ``direction`` and no ``team_id`` (Salesmsg's carry neither).
 """
 
 from __future__ import annotations
@@ -61,11 +62,7 @@ def message_status(message: Message, now: float) -> str:
 
 def user_payload(user: User) -> dict[str, Any]:
     return {
-        "id": user.id,
-        "first_name": user.first_name,
-        "last_name": user.last_name,
-        "full_name": f"{user.first_name} {user.last_name}".strip(),
-        "email": user.email,
+        **sender_payload(user),
         "role": user.role,
         "organization_id": user.org_id,
         "created_at": iso(user.created_at),
@@ -119,21 +116,39 @@ def contact_payload(contact: Contact, store: Store) -> dict[str, Any]:
     }
 
 
-def message_payload(message: Message, store: Store, now: float) -> dict[str, Any]:
+def sender_payload(user: User) -> dict[str, Any]:
+    """The team member a message names as its sender (``user`` of a message)."""
+    return {
+        "id": user.id,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "full_name": f"{user.first_name} {user.last_name}".strip(),
+        "email": user.email,
+    }
+
+
+def message_payload(message: Message, store: Store, now: float, *, automated_user: bool = False) -> dict[str, Any]:
+    """A message as Salesmsg shows it: no ``direction`` and no ``team_id``; ``user_id``/``user`` name the
+    member who sent it (null on the contact's inbound messages, and on automated ones unless
+    ``automated_user``)."""
     conversation = store.conversations.get(message.conversation_id)
     contact = store.contacts.get(conversation.contact_id) if conversation else None
     status = message_status(message, now)
+    sender_id = message.user_id if automated_user or not message.automated else None
+    sender = store.users.get(sender_id) if sender_id is not None else None
     return {
         "id": message.id,
         "conversation_id": message.conversation_id,
         "status": status,
         "type": message.type,
-        "direction": message.direction,
         "body": message.body,
         "body_raw": message.body,
         "automated": message.automated,
-        "user_id": message.user_id,
-        "team_id": conversation.team_id if conversation else None,
+        "user_id": sender.id if sender else None,
+        "user": sender_payload(sender) if sender else None,
+        "source": message.source,
+        "mms_status": None,
+        "record": dict(message.record) if message.record is not None else None,
         "contact": contact_payload(contact, store) if contact else None,
         "media": [dict(m) for m in message.media],
         "received_at": iso(message.received_at),
@@ -147,7 +162,8 @@ def message_payload(message: Message, store: Store, now: float) -> dict[str, Any
     }
 
 
-def conversation_payload(conversation: Conversation, store: Store, now: float) -> dict[str, Any]:
+def conversation_payload(conversation: Conversation, store: Store, now: float, *,
+                         automated_user: bool = False) -> dict[str, Any]:  # fmt: skip
     contact = store.contacts.get(conversation.contact_id)
     team = store.teams.get(conversation.team_id)
     owner = store.users.get(conversation.owner_id) if conversation.owner_id else None
@@ -162,7 +178,7 @@ def conversation_payload(conversation: Conversation, store: Store, now: float) -
         "number": (
             {"id": team.id, "number": team.number, "formatted_number": formatted_number(team.number)} if team else None
         ),
-        "latest_message": message_payload(latest, store, now) if latest else None,
+        "latest_message": message_payload(latest, store, now, automated_user=automated_user) if latest else None,
         "unread": conversation.unread_count > 0,
         "unread_count": conversation.unread_count,
         "is_closed": conversation.closed_at is not None,

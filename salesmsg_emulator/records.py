@@ -102,6 +102,9 @@ class Conversation:
 class Message:
     """A message; an outbound one carries its planned sent/delivered/failed times.
 
+    ``direction`` is the emulator's own (for filters and statuses): Salesmsg's message
+    objects carry no direction, and the API never shows it.
+
     Its status is derived from those times and the clock when rendered, so a
     message moves queued -> sent -> delivered (or failed) by itself.
     """
@@ -123,6 +126,11 @@ class Message:
     failed_at: float | None = None
     failed_reason: str | None = None
     media: list[dict[str, Any]] = field(default_factory=list)
+    # how it came to be: "api", "app", "automation" for outbound, None for inbound (the emulator's
+    # own values: Salesmsg's are not published)
+    source: str | None = None
+    # a call's recording, ``{"id", "duration", "url"}``; None otherwise
+    record: dict[str, Any] | None = None
 
 
 @dataclass
@@ -152,6 +160,8 @@ class AccessToken:
     expires_at: float | None
     grant_id: str | None = None
     revoked_at: float | None = None
+    # a PAT's lineage: the jti of the first PAT it replaced (None for a PAT never refreshed)
+    family: str | None = None
 
 
 @dataclass

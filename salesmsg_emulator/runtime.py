@@ -10,12 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import jinja2
 from starlette.templating import Jinja2Templates
 
-from salesmsg_emulator.config import EmulatorConfig
+from salesmsg_emulator.config import (
+    ContactsListScope,
+    DeadTokenAnswer,
+    EmulatorConfig,
+    RateLimitScope,
+    TokenAnswer,
+)
 from salesmsg_emulator.counters import Counters
 from salesmsg_emulator.faults import Faults
 from salesmsg_emulator.persistence import SnapshotFile
@@ -40,6 +46,12 @@ class Settings:
     code_ttl: int
     sent_delay: float
     delivered_delay: float
+    rate_limit_scope: RateLimitScope
+    rate_limit_lockout_extends: bool
+    invalid_token_answer: TokenAnswer
+    dead_token_answer: DeadTokenAnswer
+    contacts_list_scope: ContactsListScope
+    automated_messages_user: bool
 
     @classmethod
     def from_config(cls, config: EmulatorConfig) -> Settings:
@@ -52,6 +64,12 @@ class Settings:
             code_ttl=config.code_ttl,
             sent_delay=config.message_status_delays.sent,
             delivered_delay=config.message_status_delays.delivered,
+            rate_limit_scope=config.rate_limit_scope,
+            rate_limit_lockout_extends=config.rate_limit_lockout_extends,
+            invalid_token_answer=config.invalid_token_answer,
+            dead_token_answer=config.dead_token_answer,
+            contacts_list_scope=config.contacts_list_scope,
+            automated_messages_user=config.automated_messages_user,
         )
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -61,7 +79,11 @@ class Settings:
             if name not in known:
                 raise ValueError(f"unknown setting {name!r}")
             kind = known[name]
-            if kind == "bool":
+            choices = _CHOICES.get(name)
+            if choices is not None:
+                if value not in choices:
+                    raise ValueError(f"{name} must be one of {', '.join(choices)}")
+            elif kind == "bool":
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be a boolean")
             elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -72,6 +94,15 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# settings whose value is one of a few strings
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "rate_limit_scope": get_args(RateLimitScope),
+    "invalid_token_answer": get_args(TokenAnswer),
+    "dead_token_answer": get_args(DeadTokenAnswer),
+    "contacts_list_scope": get_args(ContactsListScope),
+}
 
 
 class Emulator:

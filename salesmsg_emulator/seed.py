@@ -15,6 +15,7 @@ import json
 import random
 
 from salesmsg_emulator.config import EmulatorConfig
+from salesmsg_emulator.messaging import SOURCE_APP, SOURCE_AUTOMATION
 from salesmsg_emulator.records import (
     AccessToken,
     Client,
@@ -62,6 +63,8 @@ OUTBOUND_BODIES = (
 )
 NOTES = ("Prefers texts after 5pm.", "Referred by a friend.", "Ask about the loyalty card.")
 DAY = 86400.0
+# bumped when the seeded data changes shape, so a snapshot of older seed data is reseeded
+SEED_VERSION = 2
 
 
 def fictional_number(area_code: str, line: int) -> str:
@@ -74,6 +77,7 @@ def fictional_number(area_code: str, line: int) -> str:
 def config_fingerprint(config: EmulatorConfig) -> str:
     """A hash of the parts of the config the seed data depends on."""
     material = {
+        "seed_version": SEED_VERSION,
         "seed": config.seed,
         "orgs": [o.model_dump() for o in config.orgs],
         "users": [u.model_dump() for u in config.users],
@@ -205,7 +209,13 @@ def _seed_conversation(
         )  # fmt: skip
         if i == call_at:
             message.type = "call"
-            message.body = "Missed call" if inbound else f"Outgoing call ({rng.randint(1, 9)}m {rng.randint(0, 59)}s)"
+            if inbound:
+                message.body = "Missed call"
+            else:
+                minutes, seconds = rng.randint(1, 9), rng.randint(0, 59)
+                message.body = f"Outgoing call ({minutes}m {seconds}s)"
+                message.record = {"id": message.id, "duration": minutes * 60 + seconds,
+                                  "url": f"https://example.com/recordings/{message.id}.mp3"}  # fmt: skip
         if inbound:
             message.body = message.body or rng.choice(INBOUND_BODIES)
             message.received_at = at
@@ -214,8 +224,12 @@ def _seed_conversation(
                                   "source": f"https://example.com/media/{message.id}.jpg"}]  # fmt: skip
         else:
             message.body = message.body or rng.choice(OUTBOUND_BODIES)
-            message.user_id = conversation.owner_id or (rng.choice(users).id if users else None)
-            message.automated = rng.random() < 0.05
+            # any member of the org may answer, not only the owner; an automation has a member
+            # behind it (shown only with ``automated_messages_user``)
+            owner_sends = conversation.owner_id is not None and rng.random() < 0.5
+            message.user_id = conversation.owner_id if owner_sends else (rng.choice(users).id if users else None)
+            message.automated = message.type == "sms" and rng.random() < 0.12
+            message.source = SOURCE_AUTOMATION if message.automated else SOURCE_APP
             message.queued_at = at
             if rng.random() < 0.07:
                 message.failed_at = at + 2

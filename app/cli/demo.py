@@ -170,7 +170,7 @@ def run_demo(*, port: int = 8000, emulator_port: int = 8100) -> None:
     from app.core.logs import configure_logging
 
     configure_logging(level=os.environ.get("SMC_LOG_LEVEL", "INFO"))
-    config = default_config().model_copy(update={"rate_limit_per_minute": 0})
+    config = default_config()  # Salesmsg's budget as it counts it: 60 a minute per org; ours keeps under it
     emulator = EmulatorServer(config, port=emulator_port).start()
     settings = demo_settings(port, emulator)
     upgrade(settings.database_url)

@@ -57,7 +57,7 @@ async def start_authorization(
 ) -> str:
     """Check the scopes against the tenant's current BAA state, store the state, build Salesmsg's URL."""
     try:
-        chosen = policy.requestable(requested, tenant=tenant, kind=OAUTH)
+        chosen = policy.requestable(requested, tenant=tenant, kind=OAUTH, offer_unlisted=settings.offer_unlisted_phi_scopes)
     except policy.ScopeError as exc:
         await audit_log.record(
             session, "connection.authorize", actor, outcome="denied", tenant_id=tenant.id, target=tenant.slug,
@@ -163,7 +163,7 @@ async def complete_authorization(
     if not code or len(code) > 2048:
         raise await refuse(BadRequest("The sign-in response carries no code.", code="invalid_callback"), "no_code")
     try:
-        policy.requestable(requested, tenant=tenant, kind=OAUTH)
+        policy.requestable(requested, tenant=tenant, kind=OAUTH, offer_unlisted=settings.offer_unlisted_phi_scopes)
     except policy.ScopeError as exc:
         raise await refuse(exc.as_app_error(), exc.code) from exc
     key = await tenant_keys.load_data_key(session, data_keys, tenant.id)

@@ -38,7 +38,7 @@ async def connect_with_pat(
     if not 16 <= len(token) <= 4096 or any(c.isspace() for c in token):
         raise ValidationFailed("Paste the whole personal access token.", code="invalid_token")
     try:
-        chosen = policy.requestable(granted, tenant=tenant, kind=PAT)
+        chosen = policy.requestable(granted, tenant=tenant, kind=PAT, offer_unlisted=settings.offer_unlisted_phi_scopes)
     except policy.ScopeError as exc:
         raise exc.as_app_error() from exc
     status, label = await _check(http, settings, token)

@@ -13,6 +13,12 @@ a grant that holds it cannot use it, and no PHI endpoint may be called (proxy or
 
 Every answer comes from the tenant row as the database holds it now (so revoking a BAA takes
 effect on the next request in every process), never from what a request says. Pure: no I/O.
+
+What may be asked for at all is narrower than what is known: ``calls:read``, ``recordings:read``
+and ``recordings:write`` (``scopes.UNLISTED_PHI_SCOPES``) are not in Salesmsg's scope table, so
+asking for them may fail the whole authorization; ``check_request`` refuses them
+(``scope_not_offered``) unless the operator turned ``SMC_OFFER_UNLISTED_PHI_SCOPES`` on. A grant
+that holds them anyway is PHI like any other (``decide``, ``usable``).
 """
 
 from __future__ import annotations
@@ -65,12 +71,21 @@ def phi_blocked(access: TenantAccess) -> bool:
     return conn is not None and not phi_allowed(hipaa=access.hipaa, baa_signed_at=access.baa_signed_at, kind=conn.kind)
 
 
-def check_request(requested: Iterable[str], *, phi_allowed: bool) -> list[str]:
-    """The scopes one may ask for: known, at least one, and no PHI unless ``phi_allowed``."""
+def check_request(requested: Iterable[str], *, phi_allowed: bool, offer_unlisted: bool = False) -> list[str]:
+    """The scopes one may ask for: known, offered (``scopes.offered``), at least one, and no PHI
+    unless ``phi_allowed``."""
     chosen = scopes.parse(list(requested))
     unknown = [s for s in chosen if s not in scopes.ALL_SCOPES]
     if unknown:
         raise ScopeError("unknown_scope", "Unknown scope: " + ", ".join(unknown), unknown)
+    not_offered = [s for s in chosen if s not in scopes.offered(unlisted=offer_unlisted)]
+    if not_offered:
+        raise ScopeError(
+            "scope_not_offered",
+            "Not offered (Salesmsg's scope table does not list it; an operator can turn on "
+            "SMC_OFFER_UNLISTED_PHI_SCOPES): " + ", ".join(not_offered),
+            not_offered,
+        )
     if not chosen:
         raise ScopeError("no_scope", "Choose at least one scope.")
     phi = [s for s in chosen if scopes.is_phi(s)]
@@ -83,9 +98,16 @@ def check_request(requested: Iterable[str], *, phi_allowed: bool) -> list[str]:
     return chosen
 
 
-def requestable(requested: Iterable[str], *, tenant: Tenant, kind: str) -> list[str]:
+def requestable(requested: Iterable[str], *, tenant: Tenant, kind: str, offer_unlisted: bool = False) -> list[str]:
     """``check_request`` against the tenant's current BAA state, for a connection of ``kind``."""
-    return check_request(requested, phi_allowed=tenant_phi_allowed(tenant, kind=kind))
+    return check_request(requested, phi_allowed=tenant_phi_allowed(tenant, kind=kind), offer_unlisted=offer_unlisted)
+
+
+def offered_defaults(raw: str, *, offer_unlisted: bool) -> list[str]:
+    """The configured default scopes (``SMC_DEFAULT_SCOPES``) that may be offered: an unknown or
+    unoffered scope there is dropped, never preselected nor requested."""
+    allowed = scopes.offered(unlisted=offer_unlisted)
+    return [s for s in scopes.parse(raw) if s in allowed]
 
 
 def usable(granted: Iterable[str], *, phi_allowed: bool) -> list[str]:

@@ -115,7 +115,7 @@ class Refresher:
         return await self._single_flight(view.id, seen_version=view.version, force=False)
 
     async def force_refresh(self, connection_id: uuid.UUID, *, seen_version: int) -> AccessToken:
-        """Refresh even a token we believe valid (Salesmsg answered 401 with it), unless
+        """Refresh even a token we believe valid (Salesmsg refused it: ``proxy.upstream``), unless
         someone already replaced the token of ``seen_version``."""
         return await self._single_flight(connection_id, seen_version=seen_version, force=True)
 

@@ -1,7 +1,14 @@
 """Salesmsg's scope catalogue and which scopes touch PHI (the rules for them: ``policy``).
 
-Pure: no database, no I/O. The catalogue is Salesmsg's scope table plus ``calls:read`` and
-``recordings:read/write``, which its PHI list names though the table does not.
+Pure: no database, no I/O. Two parts:
+
+- ``TABLE_SCOPES``: Salesmsg's scope table, 31 resources with read and write (62 scopes, no
+  catch-all). Only these are offered on the consent screen and requested at authorize.
+- ``UNLISTED_PHI_SCOPES``: ``calls:read``, ``recordings:read`` and ``recordings:write``, which
+  Salesmsg's PHI list names though its table does not. They stay known (``ALL_SCOPES``) and PHI
+  wherever a grant holds them (the gate, audit), but asking Salesmsg for a scope it does not know
+  may fail the whole authorization, so they are offered only when an operator turns on
+  ``SMC_OFFER_UNLISTED_PHI_SCOPES`` (``offered``; ``policy.check_request`` enforces it).
 """
 
 from __future__ import annotations
@@ -9,13 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# (resource, label, description of read, description of write or None when read-only)
+# Salesmsg's scope table: (resource, label); each has :read and :write.
 _RESOURCES: list[tuple[str, str]] = [
     ("contacts", "Contacts"),
     ("conversations", "Conversations"),
     ("messages", "Messages"),
-    ("calls", "Calls"),
-    ("recordings", "Call recordings"),
     ("attachments", "Attachments"),
     ("saved-replies", "Saved replies"),
     ("teams", "Teams (inboxes)"),
@@ -45,7 +50,12 @@ _RESOURCES: list[tuple[str, str]] = [
     ("voice", "Voice"),
     ("website-chat", "Website chat"),
 ]
-_READ_ONLY = {"calls"}
+# Named by Salesmsg's PHI list, absent from its scope table: (resource, label, accesses).
+_UNLISTED: list[tuple[str, str, tuple[str, ...]]] = [
+    ("calls", "Calls", ("read",)),
+    ("recordings", "Call recordings", ("read", "write")),
+]
+_ORDER = [resource for resource, _ in _RESOURCES[:3]] + [r for r, _, _ in _UNLISTED] + [r for r, _ in _RESOURCES[3:]]
 
 # The seed's PHI list, which is stricter than Salesmsg's HIPAA page, and is what we enforce.
 PHI_SCOPES: frozenset[str] = frozenset(
@@ -72,6 +82,7 @@ class Scope:
     label: str
     access: str  # "read" | "write"
     phi: bool
+    listed: bool  # in Salesmsg's scope table (False: only its PHI list names it)
 
     @property
     def description(self) -> str:
@@ -80,19 +91,29 @@ class Scope:
 
 
 def _build() -> dict[str, Scope]:
+    entries: list[tuple[str, str, tuple[str, ...], bool]] = [(r, label, ("read", "write"), True) for r, label in _RESOURCES]
+    entries += [(r, label, accesses, False) for r, label, accesses in _UNLISTED]
+    entries.sort(key=lambda e: _ORDER.index(e[0]))
     catalogue: dict[str, Scope] = {}
-    for resource, label in _RESOURCES:
-        for access in ("read", "write"):
-            if access == "write" and resource in _READ_ONLY:
-                continue
+    for resource, label, accesses, listed in entries:
+        for access in accesses:
             name = f"{resource}:{access}"
-            catalogue[name] = Scope(name, resource, label, access, name in PHI_SCOPES)
+            catalogue[name] = Scope(name, resource, label, access, name in PHI_SCOPES, listed)
     return catalogue
 
 
 CATALOGUE: dict[str, Scope] = _build()
 ALL_SCOPES: frozenset[str] = frozenset(CATALOGUE)
-assert PHI_SCOPES <= ALL_SCOPES
+TABLE_SCOPES: frozenset[str] = frozenset(name for name, s in CATALOGUE.items() if s.listed)
+UNLISTED_PHI_SCOPES: frozenset[str] = ALL_SCOPES - TABLE_SCOPES
+assert PHI_SCOPES <= ALL_SCOPES and UNLISTED_PHI_SCOPES <= PHI_SCOPES
+assert len(TABLE_SCOPES) == 62 and UNLISTED_PHI_SCOPES == {"calls:read", "recordings:read", "recordings:write"}
+
+
+def offered(*, unlisted: bool) -> frozenset[str]:
+    """The scopes one may be offered and ask Salesmsg for: the table, plus the unlisted PHI
+    scopes when the operator turned ``SMC_OFFER_UNLISTED_PHI_SCOPES`` on."""
+    return ALL_SCOPES if unlisted else TABLE_SCOPES
 
 
 def parse(raw: str | Iterable[str] | None) -> list[str]:
@@ -124,9 +145,11 @@ class ResourceGroup:
         return any(s.phi for s in self.scopes)
 
 
-def grouped() -> list[ResourceGroup]:
-    """The catalogue grouped by resource, PHI resources first, for the consent screen."""
+def grouped(*, unlisted: bool = False) -> list[ResourceGroup]:
+    """The offered scopes (``offered``) grouped by resource, PHI resources first, for the consent screen."""
+    shown = offered(unlisted=unlisted)
     groups: dict[str, ResourceGroup] = {}
     for scope in CATALOGUE.values():
-        groups.setdefault(scope.resource, ResourceGroup(scope.resource, scope.label, [])).scopes.append(scope)
-    return sorted(groups.values(), key=lambda g: (not g.phi, _RESOURCES.index((g.resource, g.label))))
+        if scope.name in shown:
+            groups.setdefault(scope.resource, ResourceGroup(scope.resource, scope.label, [])).scopes.append(scope)
+    return sorted(groups.values(), key=lambda g: (not g.phi, _ORDER.index(g.resource)))

@@ -5,14 +5,17 @@ authlib prefers; PKCE S256; the exchange form-encoded as Salesmsg's own example 
 session: Salesmsg documents a JSON refresh body, which authlib cannot send, and authlib's client
 keeps per-instance token state that concurrent refreshes of different connections would share.
 
-Every failure is classified: ``dead`` (the grant is gone: reconnect), ``baa_required``,
-or ``transient`` (5xx, 429, network: retry later).
+Every failure is classified: ``dead`` (the grant is gone: reconnect), ``baa_required`` (a 4xx
+naming the Business Associate Agreement, as JSON or as an HTML page), ``invalid``, or
+``transient`` (5xx, 429, network: retry later).
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +81,23 @@ class TokenResponse:
         )
 
 
+_BAA = re.compile(r"business\s+associate\s+agreement", re.IGNORECASE)
+_TAGS = re.compile(r"<[^>]*>")
+
+
+def _says_baa(parsed: Any, body: bytes) -> bool:
+    """Whether the answer is Salesmsg's BAA refusal ("Access denied. You must have a signed
+    Business Associate Agreement (BAA) to continue."): in a JSON ``message``, ``error_description``
+    or ``error``, or anywhere in the text of a non-JSON (HTML) page."""
+    if isinstance(parsed, dict):
+        fields = (parsed.get("message"), parsed.get("error_description"), parsed.get("error"))
+        return any(isinstance(f, str) and _BAA.search(f) for f in fields)
+    if parsed is not None:
+        return False
+    text = html.unescape(_TAGS.sub(" ", body[:65536].decode("utf-8", "replace")))
+    return _BAA.search(text) is not None
+
+
 def classify(status: int, body: bytes, retry_after: str | None = None) -> TokenEndpointError:
     """Turn a non-2xx answer of a token endpoint into a classified error."""
     parsed: Any = None
@@ -86,9 +106,10 @@ def classify(status: int, body: bytes, retry_after: str | None = None) -> TokenE
     except ValueError:
         parsed = None
     error = parsed.get("error") if isinstance(parsed, dict) else None
+    error = error if isinstance(error, str) else None
     message = parsed.get("message") if isinstance(parsed, dict) else None
     description = (parsed.get("error_description") if isinstance(parsed, dict) else None) or message or ""
-    if status == 403 and isinstance(message, str) and "Business Associate Agreement" in message:
+    if 400 <= status < 500 and _says_baa(parsed, body):
         return TokenEndpointError("baa_required", status=status, error="baa_required", description=BAA_REQUIRED_MESSAGE)
     if status >= 500 or status == 429 or status == 408:
         return TokenEndpointError("transient", status=status, error=error, description=str(description),

@@ -9,6 +9,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -25,6 +26,16 @@ UPSTREAM_SECONDS = Histogram(
 )
 UPSTREAM_STATUS = Counter("smc_upstream_responses_total", "Salesmsg answers by status", ["status"])
 PROXY_DENIALS = Counter("smc_proxy_denials_total", "Proxy requests refused before Salesmsg, by reason", ["reason"])
+BUDGET_CALLS = Counter(
+    "smc_upstream_budget_total", "Calls through Salesmsg's request budget by outcome (immediate, queued, refused_*)", ["outcome"]
+)
+BUDGET_WAIT_SECONDS = Histogram(
+    "smc_upstream_budget_wait_seconds", "Time a queued call waited for its slot in Salesmsg's budget",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30),
+)
+BUDGET_QUEUED = Gauge("smc_upstream_budget_queued", "Calls waiting for a slot in Salesmsg's budget now",
+                      multiprocess_mode="livesum")
+BUDGET_LOCKOUTS = Counter("smc_upstream_budget_lockouts_total", "Salesmsg 429s that locked a budget for its lockout")
 WEBHOOKS = Counter("smc_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
 
 

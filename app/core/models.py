@@ -346,3 +346,13 @@ class IdempotencyRecord(Base):
     body_ct: Mapped[bytes | None] = mapped_column(LargeBinary)  # encrypted: may hold PHI
     created_at: Mapped[datetime] = _created()
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class BudgetLedger(Base):
+    """One Salesmsg request budget (``app.proxy.budget.Ledger``, as JSON): the grants of its last
+    window, its pacing schedule, and the end of a lockout Salesmsg started with a 429."""
+
+    __tablename__ = "upstream_budgets"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    ledger: Mapped[str] = mapped_column(Text)

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     default_scopes: str = (
         "conversations:read messages:read messages:write contacts:read teams:read users:read"
     )
+    # calls:read, recordings:read and recordings:write: named by Salesmsg's PHI list but not by its
+    # scope table, so not offered nor requested (asking for them may fail the authorization) unless on.
+    offer_unlisted_phi_scopes: bool = False
 
     session_idle_minutes: int = Field(default=30, ge=1)
     session_absolute_hours: int = Field(default=12, ge=1)
@@ -116,8 +119,17 @@ class Settings(BaseSettings):
     proxy_retry_after_cap_seconds: float = Field(default=10.0, ge=0)
     idempotency_ttl_hours: int = Field(default=24, ge=1)
     rate_limit_per_key: str = "600/minute"
-    rate_limit_per_tenant: str = "300/minute"
+    rate_limit_per_tenant: str = "120/minute"
     redis_url: str | None = None
+    # Salesmsg's request budget (``app.proxy.budget``): calls per minute to Salesmsg, shared by every
+    # process; 0 turns it off. "connection": one budget per tenant's connection; "app": one for every
+    # OAuth connection of our client id (if Salesmsg counts per OAuth app; PAT connections keep their own).
+    upstream_budget_per_minute: int = Field(default=60, ge=0)
+    upstream_budget_scope: Literal["connection", "app"] = "connection"
+    upstream_budget_max_wait_seconds: float = Field(default=10.0, ge=0, le=60)
+    upstream_budget_guard_seconds: float = Field(default=1.0, ge=0, le=30)
+    upstream_budget_burst: int = Field(default=10, ge=1)
+    upstream_lockout_seconds: int = Field(default=60, ge=1, le=3600)
 
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)

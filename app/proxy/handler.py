@@ -6,9 +6,10 @@ session upstream, bodies relayed as bytes.
 
 Rules, in order, before anything reaches Salesmsg: a well-formed key in the Authorization header
 (never the query string); a safe path under the API base; a known endpoint (fail closed); the
-key is valid and covers the tenant; the rate limits; the key may write if the method writes; the
-gate (``connections.policy.decide``: the connection is active, the endpoint's scope is granted,
-a PHI scope on a HIPAA tenant needs a signed BAA); a PHI call can be audited.
+key is valid and covers the tenant; the rate limits; a read-only key only calls reads (by the
+endpoint's scope, so ``POST /contacts/list`` reads); the gate (``connections.policy.decide``: the
+connection is active, the endpoint's scope is granted, a PHI scope on a HIPAA tenant needs a signed
+BAA); a PHI call can be audited.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from app.core.settings import Settings
 from app.identity import api_keys
 from app.identity.key_usage import UsageRecorder
 from app.kit.tokens import hash_matches
-from app.proxy.endpoint_scopes import READ_METHODS, Endpoint, resolve
+from app.proxy.endpoint_scopes import Endpoint, resolve
 from app.proxy.grants import Grant, GrantLookup
 from app.proxy.idempotency import Idempotency, fingerprint, valid_key
 from app.proxy.rate_limits import RateLimits
@@ -176,7 +177,7 @@ class Proxy:
         wait = await self.rate_limits.check(key_id=grant.key_id, tenant_id=grant.tenant_id)
         if wait is not None:
             raise Refusal(429, "rate_limited", "Too many requests for this key or tenant.", {"Retry-After": str(wait)})
-        if grant.read_only and method not in READ_METHODS:
+        if grant.read_only and not endpoint.reads:
             raise Refusal(403, "read_only_key", "This API key is read-only.")
         access = grant.access()
         policy.decide(access, endpoint.scope)
@@ -194,7 +195,7 @@ class Proxy:
         forwarded = {name: value for name, value in headers.items() if name in FORWARD_REQUEST_HEADERS}
 
         async def forward() -> Answer:
-            return await self._forward(conn, key, method, path, query, body, forwarded, request_id)
+            return await self._forward(conn, key, method, path, query, body, forwarded, request_id, f"key:{grant.key_id}")
 
         idem_key = headers.get("idempotency-key")
         decision = "allowed"
@@ -244,12 +245,12 @@ class Proxy:
 
     async def _forward(
         self, conn: ConnectionView, key: DataKey, method: str, path: str, query: bytes, body: bytes,
-        headers: dict[str, str], request_id: str,
+        headers: dict[str, str], request_id: str, caller: str,
     ) -> Answer:
         """Only the caller's content headers go upstream (``FORWARD_REQUEST_HEADERS``): its
         Authorization, Cookie, Host, X-Forwarded-*, hop-by-hop and every other header stay here."""
         return await self.upstream.call(conn, key, method=method, path=path, query=query, body=body, headers=headers,
-                                        request_id=request_id)
+                                        request_id=request_id, caller=caller)
 
     def _audit(self, context: dict[str, Any], method: str, request_id: str, status: int, started: float, *, decision: str) -> None:
         """Every call that touches a PHI scope, allowed or denied: never a body, never query values."""

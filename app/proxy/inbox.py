@@ -81,7 +81,8 @@ class Inbox:
 
         async def send() -> Answer:
             return await self.upstream.call(
-                conn, key, method=method, path=path, query=query, body=body, headers=headers, request_id=self.request_id
+                conn, key, method=method, path=path, query=query, body=body, headers=headers, request_id=self.request_id,
+                caller=f"dashboard:{self.actor.type}:{self.actor.id}",
             )
 
         if idempotency_key is not None:
@@ -125,7 +126,16 @@ class Inbox:
         return data if isinstance(data, dict) else {}
 
     async def contacts(self, *, search: str, page: int) -> tuple[list[dict[str, Any]], int | None]:
-        data = await self._call("GET", "contacts", params={"search": search or None, "page": page, "length": PAGE_SIZE})
+        """A page of contacts from ``POST /contacts/list`` (JSON body). Public v2.3 clients tag that
+        endpoint ``contacts:write``; a grant Salesmsg refuses it for (403 ``insufficient_scope``)
+        is served by the deprecated ``GET /contacts``, which needs only ``contacts:read``."""
+        fields = {"page": page, "length": PAGE_SIZE, **({"search": search} if search else {})}
+        try:
+            data = await self._call("POST", "contacts/list", body=json.dumps(fields, separators=(",", ":")).encode())
+        except InboxError as exc:
+            if exc.code != "upstream_scope_refused":
+                raise
+            data = await self._call("GET", "contacts", params=fields)
         rows = data.get("data") if isinstance(data, dict) else data
         meta = data.get("meta") if isinstance(data, dict) else None
         last = meta.get("last_page") if isinstance(meta, dict) and isinstance(meta.get("last_page"), int) else None
@@ -143,22 +153,84 @@ def _error_for(answer: Answer) -> InboxError:
         return InboxError("Salesmsg has no such item in this organization.", code="upstream_not_found", status_code=404)
     if answer.status == 422:
         return InboxError("Salesmsg did not accept this: " + _message_of(answer), code="upstream_rejected", status_code=422)
+    if answer.status == 403 and _body_of(answer).get("error") == "insufficient_scope":
+        return InboxError("Salesmsg says the connection was not granted what this page needs.",
+                          code="upstream_scope_refused", status_code=403)
     if answer.status in (401, 403):
         return InboxError("Salesmsg refused this call for the organization's connection.", code="upstream_refused",
                           status_code=403)
     return InboxError("Salesmsg refused the request.", code="upstream_error", status_code=502)
 
 
-def _message_of(answer: Answer) -> str:
+def _body_of(answer: Answer) -> dict[str, Any]:
     try:
-        body = json.loads(answer.body)
+        body = json.loads(answer.body) if len(answer.body) < 65536 else None
     except ValueError:
-        return "the message was refused"
-    if isinstance(body, dict):
-        message = body.get("message") or body.get("error")
-        if isinstance(message, str):
-            return message[:200]
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _message_of(answer: Answer) -> str:
+    body = _body_of(answer)
+    message = body.get("message") or body.get("error")
+    if isinstance(message, str):
+        return message[:200]
     return "the message was refused"
+
+
+# -- who sent a message ---------------------------------------------------------------------
+
+_OUTBOUND_TIMES = ("queued_at", "sent_at", "delivered_at", "failed_at")
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadMessage:
+    """One message of a thread as the page shows it: which side, and who sent it."""
+
+    body: str
+    created_at: str
+    status: str | None
+    failed_reason: str | None
+    outbound: bool
+    sender: str
+    automated: bool
+
+
+def _name_of(person: Any) -> str | None:
+    if not isinstance(person, dict):
+        return None
+    full = person.get("full_name")
+    if isinstance(full, str) and full.strip():
+        return full.strip()
+    parts = [p.strip() for p in (person.get("first_name"), person.get("last_name")) if isinstance(p, str) and p.strip()]
+    return " ".join(parts) or None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def thread_message(message: dict[str, Any], contact: Any = None) -> ThreadMessage:
+    """Which side a message is on and who sent it, from the fields Salesmsg sends (messages carry
+    no ``direction``): outbound when it names the member who sent it (``user_id``/``user``), is
+    ``automated``, or carries a queued, sent, delivered or failed time; inbound otherwise. An
+    outbound message shows the member's name (``user.full_name``, else first and last name),
+    "Automated" for an automation that names no member, "Team member" when only the id is known;
+    an inbound one the contact's name (the conversation's ``contact``, else the message's), else
+    "Contact"."""
+    user = message.get("user")
+    automated = message.get("automated") is True
+    outbound = (message.get("user_id") is not None or isinstance(user, dict) or automated
+                or any(message.get(t) for t in _OUTBOUND_TIMES))
+    if outbound:
+        sender = _name_of(user) or ("Automated" if automated else "Team member")
+    else:
+        sender = _name_of(contact) or _name_of(message.get("contact")) or "Contact"
+    return ThreadMessage(
+        body=_text(message.get("body")) or "", created_at=_text(message.get("created_at")) or "",
+        status=_text(message.get("status")), failed_reason=_text(message.get("failed_reason")),
+        outbound=outbound, sender=sender, automated=automated,
+    )
 
 
 def new_form_key() -> str:

@@ -1,14 +1,28 @@
 """Calling Salesmsg for a tenant once the gate (``connections.policy.decide``) let the call go.
 
 Every caller (the proxy, the dashboard) uses it. ``Upstream.call`` sends the request with a
-fresh token: idempotent methods are retried
-with jittered backoff honouring ``Retry-After``, a 401 on a token we believed valid forces one
-refresh and one retry, redirects are not followed, and the answer comes back as bytes.
+fresh token: idempotent methods are retried with jittered backoff honouring ``Retry-After``,
+redirects are not followed, and the answer comes back as bytes.
+
+Every attempt first takes its place in Salesmsg's request budget (``budget``): it may wait there
+briefly, or be refused with our 429. A 429 from Salesmsg is never retried: it locks the budget for
+every process (Salesmsg refuses the org for 60 s and says nothing; a ``Retry-After`` from something
+in front of it sets the lockout instead) and is relayed with ``Retry-After``.
+
+Salesmsg refusing a token we believed valid (``token_trouble``) forces one refresh per call, never
+a loop. It says so in three ways: 401; 403 whose JSON ``message`` starts "Could not decode token"
+or is "Unauthenticated(.)" (a 403 for a scope or a BAA is not one); and, on some endpoints
+(``/teams``), 500 ``{"message": null}``. A 401 or such a 403 proves the call was not accepted, so
+it is retried once whatever the method. The 500 could also be a real server error, so it counts
+only while the token was not already refreshed during this call; it forces the refresh, and an
+idempotent method is retried once, but a POST or PATCH is not: a send is never blindly retried,
+the 500 is relayed and the next call carries the new token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,15 +32,18 @@ import aiohttp
 
 from app.connections.refresh import Refresher
 from app.connections.view import ConnectionView
-from app.core.errors import error_json
+from app.core.errors import AppError, error_json
 from app.core.metrics import UPSTREAM_SECONDS, UPSTREAM_STATUS, child
 from app.core.settings import Settings
 from app.kit.backoff import jittered
 from app.kit.retry_after import retry_after_seconds
+from app.proxy.budget import UpstreamBudget
 from app.vault.envelope import DataKey
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+REFUSED, SERVER_ERROR = "refused", "server_error"  # kinds of token trouble
+_TOKEN_MESSAGES = frozenset({"Unauthenticated", "Unauthenticated."})
+RETRY_STATUSES = frozenset({502, 503, 504})
 RELAY_RESPONSE_HEADERS = frozenset(
     {"content-type", "content-encoding", "retry-after", "etag", "last-modified", "cache-control", "content-language"}
 )
@@ -47,11 +64,44 @@ class Answer:
 _JSON = [(b"content-type", b"application/json")]
 
 
+def _json_message(payload: bytes) -> tuple[bool, object]:
+    """Whether the body is a small JSON object with a ``message``, and that message."""
+    if not payload or len(payload) > 4096:
+        return False, None
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        return False, None
+    if not isinstance(parsed, dict) or "message" not in parsed:
+        return False, None
+    return True, parsed["message"]
+
+
+def token_trouble(status: int, payload: bytes) -> str | None:
+    """Whether Salesmsg's answer says it did not accept the token: ``REFUSED`` (401, or a 403
+    about the token), ``SERVER_ERROR`` (500 ``{"message": null}``), or None."""
+    if status == 401:
+        return REFUSED
+    if status == 403:
+        found, message = _json_message(payload)
+        if found and isinstance(message, str) and (
+            message.startswith("Could not decode token") or message in _TOKEN_MESSAGES
+        ):
+            return REFUSED
+    elif status == 500:
+        found, message = _json_message(payload)
+        if found and message is None:
+            return SERVER_ERROR
+    return None
+
+
 class Upstream:
-    def __init__(self, *, settings: Settings, http: aiohttp.ClientSession, refresher: Refresher) -> None:
+    def __init__(self, *, settings: Settings, http: aiohttp.ClientSession, refresher: Refresher,
+                 budget: UpstreamBudget) -> None:
         self.settings = settings
         self.http = http
         self.refresher = refresher
+        self.budget = budget
         self.base = settings.salesmsg_api_base
         self.timeout = aiohttp.ClientTimeout(
             total=settings.salesmsg_timeout_seconds, sock_connect=settings.salesmsg_connect_timeout_seconds
@@ -71,9 +121,12 @@ class Upstream:
         body: bytes = b"",
         headers: dict[str, str] | None = None,
         request_id: str = "",
+        caller: str,
     ) -> Answer:
-        """Send one request to ``{API base}/{path}`` with the tenant's token, retrying what is safe."""
+        """Send one request to ``{API base}/{path}`` with the tenant's token, retrying what is safe.
+        ``caller`` (an API key, a dashboard user) is whom the budget's queue is fair between."""
         token = await self.refresher.access_token(conn, key=key)
+        refreshed = token.version != conn.version  # already refreshed during this call
         url = f"{self.base}/{path}" + (f"?{query.decode('ascii')}" if query else "")
         send_headers: dict[str, Any] = dict(headers or {})
         if request_id:
@@ -81,6 +134,7 @@ class Upstream:
         attempt, forced, reached = 0, False, False
         retries = self.settings.proxy_max_retries if method in IDEMPOTENT else 0
         while True:
+            await self.budget.acquire(conn, caller=caller)
             send_headers["Authorization"] = f"Bearer {token.value}"
             started = time.perf_counter()
             try:
@@ -109,10 +163,16 @@ class Upstream:
                 return Answer(502, list(_JSON), body_, reached or not never_sent)
             child(UPSTREAM_SECONDS, method).observe(time.perf_counter() - started)
             child(UPSTREAM_STATUS, str(status)).inc()
-            if status == 401 and not forced:
-                forced = True  # Salesmsg refused a token we believed valid: refresh once, retry once
-                token = await self.refresher.force_refresh(conn.id, seen_version=token.version)
-                continue
+            trouble = token_trouble(status, payload) if status in (401, 403, 500) and not forced else None
+            if trouble == REFUSED or (trouble == SERVER_ERROR and not refreshed):
+                forced = refreshed = True  # Salesmsg refused a token we believed valid: refresh once
+                if trouble == REFUSED or method in IDEMPOTENT:
+                    token = await self.refresher.force_refresh(conn.id, seen_version=token.version)
+                    continue  # ... and retry once
+                try:  # a POST/PATCH answered 500: the new token is for the next call, this one is relayed
+                    await self.refresher.force_refresh(conn.id, seen_version=token.version)
+                except AppError:
+                    pass  # the refresh recorded its own failure; the caller still gets Salesmsg's answer
             if status in RETRY_STATUSES and attempt < retries:
                 delay = retry_after_seconds(upstream_headers.get("Retry-After"))
                 if delay is None:
@@ -123,6 +183,8 @@ class Upstream:
                     continue
             relayed = [(k.lower().encode(), v.encode("latin-1")) for k, v in upstream_headers.items()
                        if k.lower() in RELAY_RESPONSE_HEADERS]
-            if status == 429 and "Retry-After" not in upstream_headers:
-                relayed.append((b"retry-after", b"60"))  # Salesmsg locks out for 60 s and sends no header
+            if status == 429:
+                await self.budget.locked_out(conn, seconds=retry_after_seconds(upstream_headers.get("Retry-After")))
+                if "Retry-After" not in upstream_headers:  # Salesmsg locks the org out and sends no header
+                    relayed.append((b"retry-after", str(self.settings.upstream_lockout_seconds).encode()))
             return Answer(status, relayed, payload, True)

@@ -31,14 +31,18 @@ async def open_connect_link(
 
 
 def _consent_context(tenant, runtime, selected: list[str] | None = None) -> dict:
-    defaults = scopes.parse(runtime.settings.default_scopes)
+    """What the consent screen offers: Salesmsg's scope table (plus the unlisted PHI scopes when
+    ``SMC_OFFER_UNLISTED_PHI_SCOPES`` is on), the offered defaults preselected."""
+    unlisted = runtime.settings.offer_unlisted_phi_scopes
+    defaults = policy.offered_defaults(runtime.settings.default_scopes, offer_unlisted=unlisted)
+    offered = scopes.offered(unlisted=unlisted)
     phi_locked = not policy.tenant_phi_allowed(tenant)
-    chosen = selected if selected is not None else defaults
+    chosen = [s for s in selected if s in offered] if selected is not None else defaults
     if phi_locked:
         chosen = [s for s in chosen if not scopes.is_phi(s)]
     return {
         "tenant": tenant,
-        "groups": scopes.grouped(),
+        "groups": scopes.grouped(unlisted=unlisted),
         "selected": set(chosen),
         "defaults": set(defaults),
         "phi_locked": phi_locked,
@@ -70,7 +74,7 @@ async def consent_submit(
         conn = await store.get_connection(session, tenant.id)
         return render(
             request, viewer, "consent.html", status_code=exc.status_code, error=exc.message, error_code=exc.code,
-            connection=conn, **_consent_context(tenant, runtime, [s for s in requested if s in scopes.ALL_SCOPES]),
+            connection=conn, **_consent_context(tenant, runtime, requested),
         )
     return redirect(url)
 

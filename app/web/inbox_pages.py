@@ -17,7 +17,15 @@ from app.connections.store import get_connection
 from app.connections.view import TenantAccess
 from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.proxy.inbox import FILTERS, MAX_MESSAGE, PAGE_SIZE, Inbox, new_form_key
+from app.proxy.inbox import (
+    FILTERS,
+    MAX_MESSAGE,
+    PAGE_SIZE,
+    Inbox,
+    ThreadMessage,
+    new_form_key,
+    thread_message,
+)
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, tenant_for
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
@@ -30,7 +38,7 @@ def _problem(exc: AppError) -> dict[str, Any]:
     action = None
     if exc.code in ("connection_needs_reauth", "not_connected"):
         action = "reconnect"
-    elif exc.code == "insufficient_scope":
+    elif exc.code in ("insufficient_scope", "upstream_scope_refused"):
         action = "reconnect"
     return {"code": exc.code, "message": exc.message, "action": action}
 
@@ -93,13 +101,13 @@ async def conversation_page(
 async def _render_conversation(request, viewer, inbox: Inbox, context: dict[str, Any], conversation_id: int,
                                *, status_code: int = 200, draft: str = "", send_error: str | None = None) -> Response:
     conversation: dict[str, Any] | None = None
-    messages: list[dict[str, Any]] = []
+    messages: list[ThreadMessage] = []
     if context["locked"]:
         await _locked(inbox, "GET /conversations/{id}")
     else:
         try:
             conversation = await inbox.conversation(conversation_id)
-            messages = await inbox.messages(conversation_id)
+            messages = [thread_message(m, conversation.get("contact")) for m in await inbox.messages(conversation_id)]
         except AppError as exc:
             context["problem"] = _problem(exc)
     conn = context["connection"]

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from app.audit import audit_log
 from app.connections import events, links, policy, scopes, store
+from app.connections.view import DISCONNECTED, ConnectionView
 from app.core.errors import AppError, ValidationFailed
 from app.core.models import AuditEntry, Tenant
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
@@ -105,6 +106,7 @@ async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict[str,
         "usable": set(policy.usable_scopes(conn.scopes, tenant=tenant, kind=conn.kind)) if conn else set(),
         "phi_scopes": scopes.PHI_SCOPES,
         "events": await events.recent(session, tenant_id=tenant.id, limit=10),
+        "budget": await runtime.upstream.budget.state(ConnectionView.of(conn)) if conn and conn.status != DISCONNECTED else None,
     }
     if viewer.is_operator:
         context["api_keys"] = await api_keys.keys_for_tenant(session, tenant.id)

@@ -19,7 +19,7 @@ def _window(ctx: ApiContext) -> tuple[int, int]:
     return offset, limit
 
 
-@api_endpoint("teams:read")
+@api_endpoint("teams:read", observed_500=True)
 async def list_teams(ctx: ApiContext) -> Response:
     offset, limit = _window(ctx)
     with ctx.store.read():
@@ -44,6 +44,13 @@ async def current_user(ctx: ApiContext) -> Response:
 
 
 @api_endpoint("organizations:read")
+async def organization_members(ctx: ApiContext) -> Response:
+    """``GET /organization/members``: a bare array of the org's users, not paginated."""
+    with ctx.store.read():
+        return JSONResponse([user_payload(u) for u in ctx.store.org_users(ctx.org_id)])
+
+
+@api_endpoint("organizations:read")
 async def current_organization(ctx: ApiContext) -> Response:
     with ctx.store.read():
         org = ctx.store.orgs.get(ctx.org_id)
@@ -58,5 +65,7 @@ def routes() -> list[Route]:
         Route(f"{p}/teams", list_teams, methods=["GET"]),
         Route(f"{p}/users", list_users, methods=["GET"]),
         Route(f"{p}/users/me", current_user, methods=["GET"]),
+        Route(f"{p}/user", current_user, methods=["GET"]),
+        Route(f"{p}/organization/members", organization_members, methods=["GET"]),
         Route(f"{p}/organization/current", current_organization, methods=["GET"]),
     ]

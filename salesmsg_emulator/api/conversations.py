@@ -20,6 +20,7 @@ from salesmsg_emulator.api.inputs import (
     Inputs,
     int_param,
     media_url_errors,
+    page_param,
     read_input,
     text_errors,
     time_param,
@@ -29,10 +30,11 @@ from salesmsg_emulator.messaging import (
     Delays,
     find_or_create_contact,
     find_or_create_conversation,
+    find_or_start_conversation,
     normalize_number,
     send_outbound,
 )
-from salesmsg_emulator.payloads import conversation_payload, message_payload, micros
+from salesmsg_emulator.payloads import micros
 from salesmsg_emulator.records import Conversation, Message
 from salesmsg_emulator.state import Store
 
@@ -93,13 +95,13 @@ async def list_conversations(ctx: ApiContext) -> Response:
         ]  # fmt: skip
         rows.sort(key=lambda c: (c.updated_at, c.id), reverse=True)
         now = ctx.now()
-        return JSONResponse([conversation_payload(c, ctx.store, now) for c in rows[offset : offset + limit]])
+        return JSONResponse([ctx.conversation_json(c, now) for c in rows[offset : offset + limit]])
 
 
 @api_endpoint("conversations:read")
 async def get_conversation(ctx: ApiContext) -> Response:
     with ctx.store.read():
-        return JSONResponse(conversation_payload(_conversation(ctx), ctx.store, ctx.now()))
+        return JSONResponse(ctx.conversation_json(_conversation(ctx)))
 
 
 async def _set_closed(ctx: ApiContext, closed: bool) -> Response:
@@ -109,7 +111,7 @@ async def _set_closed(ctx: ApiContext, closed: bool) -> Response:
             conversation.closed_at = ctx.now()
         elif not closed:
             conversation.closed_at = None
-        return JSONResponse(conversation_payload(conversation, ctx.store, ctx.now()))
+        return JSONResponse(ctx.conversation_json(conversation))
 
 
 @api_endpoint("conversations:write")
@@ -134,7 +136,7 @@ async def reassign_conversation(ctx: ApiContext) -> Response:
         if user_id is not None and ctx.store.org_user(ctx.org_id, user_id) is None:
             raise invalid({"user_id": ["The selected user id is invalid."]})
         conversation.owner_id = user_id
-        return JSONResponse(conversation_payload(conversation, ctx.store, ctx.now()))
+        return JSONResponse(ctx.conversation_json(conversation))
 
 
 def _newest_first(ctx: ApiContext, conversation: Conversation) -> list[Message]:
@@ -150,7 +152,7 @@ async def _cursor_page(ctx: ApiContext) -> Response:
         if before_id:
             messages = [m for m in messages if m.id < before_id]
         now = ctx.now()
-        return JSONResponse([message_payload(m, ctx.store, now) for m in messages[:limit]])
+        return JSONResponse([ctx.message_json(m, now) for m in messages[:limit]])
 
 
 @api_endpoint("messages:read")
@@ -166,14 +168,14 @@ async def messages_by_cursor(ctx: ApiContext) -> Response:
 @api_endpoint("messages:read")
 async def messages_paginated(ctx: ApiContext) -> Response:
     params = ctx.request.query_params
-    page = int_param(params.get("page"), "page", 1, minimum=1)
+    page = page_param(params.get("page"))
     per_page = int_param(params.get("per_page"), "per_page", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
     with ctx.store.read():
         messages = _newest_first(ctx, _conversation(ctx))
         now = ctx.now()
         chunk = messages[(page - 1) * per_page : page * per_page]
         return JSONResponse({
-            "data": [message_payload(m, ctx.store, now) for m in chunk],
+            "data": [ctx.message_json(m, now) for m in chunk],
             "meta": {"current_page": page, "last_page": max(1, math.ceil(len(messages) / per_page)),
                      "per_page": per_page, "total": len(messages)},
         })  # fmt: skip
@@ -228,7 +230,7 @@ def _send(ctx: ApiContext, inputs: Inputs, conversation: Conversation) -> Respon
         delays=Delays(ctx.emulator.settings.sent_delay, ctx.emulator.settings.delivered_delay),
     )  # fmt: skip
     conversation.unread_count = 0
-    return JSONResponse(message_payload(message, ctx.store, ctx.now()), 201)
+    return JSONResponse(ctx.message_json(message), 201)
 
 
 @api_endpoint("messages:write")
@@ -252,10 +254,63 @@ async def send_to_number(ctx: ApiContext) -> Response:
         return _send(ctx, inputs, conversation)
 
 
+def _conversation_team(ctx: ApiContext, inputs: Inputs, errors: dict[str, list[str]]) -> int | None:
+    """``team_id`` (or ``number_id``: a team's number has the team's id); the org's first team when
+    neither is given (Salesmsg's default is not published)."""
+    for name in ("team_id", "number_id"):
+        raw = inputs.get(name)
+        if raw not in (None, ""):
+            try:
+                team_id = int(str(raw))
+            except ValueError:
+                team_id = 0
+            if ctx.store.org_team(ctx.org_id, team_id) is None:
+                errors[name] = [f"The selected {name.replace('_', ' ')} is invalid."]
+                return None
+            return team_id
+    teams = ctx.store.org_teams(ctx.org_id)
+    if not teams:
+        errors["team_id"] = ["The team id field is required."]
+        return None
+    return teams[0].id
+
+
+@api_endpoint("conversations:write")
+async def start_conversation(ctx: ApiContext) -> Response:
+    """``POST /conversations``: find or start the conversation with a contact (``contact_id``, or a
+    ``number``, creating the contact) in a team; 201 when started, 200 when it existed."""
+    inputs = await read_input(ctx.request)
+    with ctx.store.write():
+        errors: dict[str, list[str]] = {}
+        contact, number = None, None
+        raw_contact = inputs.get("contact_id")
+        if raw_contact not in (None, ""):
+            try:
+                contact = ctx.store.org_contact(ctx.org_id, int(str(raw_contact)))
+            except ValueError:
+                contact = None
+            if contact is None:
+                errors["contact_id"] = ["The selected contact id is invalid."]
+        elif inputs.get("number") not in (None, ""):
+            number = _number(inputs.get("number"), errors)
+        else:
+            errors["contact_id"] = ["The contact id field is required when number is not present."]
+        team_id = _conversation_team(ctx, inputs, errors)
+        if errors or team_id is None:
+            raise invalid(errors)
+        if contact is None:
+            if number is None:
+                raise invalid({"number": ["The number format is invalid."]})
+            contact = find_or_create_contact(ctx.store, ctx.org_id, number)
+        conversation, created = find_or_start_conversation(ctx.store, ctx.org_id, contact, team_id)
+        return JSONResponse(ctx.conversation_json(conversation), 201 if created else 200)
+
+
 def routes() -> list[Route]:
     p = API_PREFIX
     return [
         Route(f"{p}/conversations", list_conversations, methods=["GET"]),
+        Route(f"{p}/conversations", start_conversation, methods=["POST"]),
         Route(f"{p}/conversations/{{id:int}}", get_conversation, methods=["GET"]),
         Route(f"{p}/conversations/{{id:int}}/close", close_conversation, methods=["PUT", "POST"]),
         Route(f"{p}/conversations/{{id:int}}/open", open_conversation, methods=["PUT", "POST"]),

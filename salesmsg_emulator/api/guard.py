@@ -1,8 +1,10 @@
 """What every Public API endpoint does before its own work, and how errors look.
 
-Order: bearer token (401/403 as Salesmsg answers) -> rate limit (429) ->
-scope (403 insufficient_scope) -> the handler (404, 422, ...). With
-``html_errors`` every error of the API comes back as an HTML page.
+Order: bearer token (401 without one; a malformed or dead token as the
+``invalid_token_answer``/``dead_token_answer`` settings say) -> rate limit (429,
+one budget per ``rate_limit_scope`` key) -> scope (403 insufficient_scope) ->
+the handler (404, 422, ...). With ``html_errors`` every error of the API comes
+back as an HTML page.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from salesmsg_emulator.grants import AuthFailure, authenticate
-from salesmsg_emulator.records import AccessToken
-from salesmsg_emulator.runtime import Emulator
+from salesmsg_emulator.payloads import conversation_payload, message_payload
+from salesmsg_emulator.ratelimit import budget_key
+from salesmsg_emulator.records import AccessToken, Conversation, Message
+from salesmsg_emulator.runtime import Emulator, Settings
 from salesmsg_emulator.state import Store
 
 API_PREFIX = "/pub/v2.2"
@@ -68,6 +72,14 @@ class ApiContext:
     def now(self) -> float:
         return self.emulator.store.now()
 
+    def message_json(self, message: Message, now: float | None = None) -> dict[str, Any]:
+        return message_payload(message, self.store, self.now() if now is None else now,
+                               automated_user=self.emulator.settings.automated_messages_user)  # fmt: skip
+
+    def conversation_json(self, conversation: Conversation, now: float | None = None) -> dict[str, Any]:
+        return conversation_payload(conversation, self.store, self.now() if now is None else now,
+                                    automated_user=self.emulator.settings.automated_messages_user)  # fmt: skip
+
 
 def emulator_of(request: Request) -> Emulator:
     emulator: Emulator = request.app.state.emulator
@@ -92,37 +104,69 @@ def error_page(status: int, message: str) -> str:
 def error_response(emulator: Emulator, status: int, payload: dict[str, Any],
                    headers: Mapping[str, str] | None = None) -> Response:  # fmt: skip
     if emulator.settings.html_errors:
-        return HTMLResponse(error_page(status, str(payload.get("message", "Error"))), status, headers)
+        message = payload.get("message")
+        return HTMLResponse(error_page(status, str(message) if message else "Error"), status, headers)
     return JSONResponse(payload, status, headers)
 
 
+def auth_failure_answer(settings: Settings, failure: AuthFailure, *, observed_500: bool = False
+                        ) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    """Status and body for a refused bearer token.
+
+    No token: 401 ``{"message":"Unauthorized","auth_required":false}``. A malformed token follows
+    ``invalid_token_answer``; a dead one (badly signed, unknown, expired, revoked)
+    ``dead_token_answer`` (``as_invalid``: the same). ``observed``: 403 "Could not decode token: …",
+    except 500 ``{"message": null}`` where the endpoint was seen doing so (``observed_500``: GET /teams).
+    """
+    if failure.kind == "missing":
+        return 401, {"message": "Unauthorized", "auth_required": False}
+    mode: str = settings.invalid_token_answer
+    if failure.kind == "dead" and settings.dead_token_answer != "as_invalid":
+        mode = settings.dead_token_answer
+    if mode == "observed":
+        mode = "500" if observed_500 else "403"
+    if mode == "500":
+        return 500, {"message": None}
+    if mode == "401":
+        return 401, {"message": "Unauthenticated.", "auth_required": True}
+    return 403, {"message": f"Could not decode token: {failure.reason}", "auth_required": True}
+
+
 Handler = Callable[[ApiContext], Awaitable[Response]]
+Scope = str | Callable[[Settings], str]
 
 
-def api_endpoint(scope: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Make ``handler`` a Starlette endpoint that requires a valid token with ``scope``."""
+def api_endpoint(scope: Scope, *, observed_500: bool = False
+                 ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:  # fmt: skip
+    """Make ``handler`` a Starlette endpoint that requires a valid token with ``scope`` (or the scope
+    a setting names). ``observed_500``: a malformed token was seen answered 500 here."""
 
     def decorate(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             emulator = emulator_of(request)
+            settings = emulator.settings
             try:
                 token = authenticate(emulator.store, bearer_token(request))
             except AuthFailure as failure:
-                emulator.counters.add(f"auth.{failure.status}")
-                return error_response(
-                    emulator, failure.status, {"message": failure.message, "auth_required": failure.auth_required}
-                )
+                status, payload = auth_failure_answer(settings, failure, observed_500=observed_500)
+                emulator.counters.add(f"auth.{status}", f"auth.{failure.kind}")
+                return error_response(emulator, status, payload)
             now = emulator.store.now()
-            if not emulator.rate_limiter.allow(token.jti, emulator.settings.rate_limit_per_minute, now):
-                emulator.counters.add("rate_limited")
+            with emulator.store.read():
+                key = budget_key(emulator.store, token, settings.rate_limit_scope)
+            if not emulator.rate_limiter.allow(key, settings.rate_limit_per_minute, now,
+                                               extend_lockout=settings.rate_limit_lockout_extends):  # fmt: skip
+                emulator.counters.add("rate_limited", f"org.{token.org_id}.rate_limited")
                 return error_response(emulator, 429, {"message": "Too Many Attempts."})
-            if scope not in token.scopes:
+            emulator.counters.add(f"org.{token.org_id}.served")
+            required = scope(settings) if callable(scope) else scope
+            if required not in token.scopes:
                 emulator.counters.add("insufficient_scope")
                 return error_response(emulator, 403, {
                     "error": "insufficient_scope",
-                    "message": f"The access token does not have the required scope: {scope}.",
-                    "required_scope": scope,
+                    "message": f"The access token does not have the required scope: {required}.",
+                    "required_scope": required,
                 })  # fmt: skip
             try:
                 return await handler(ApiContext(request, emulator, token))

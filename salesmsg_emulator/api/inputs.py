@@ -91,6 +91,12 @@ def int_param(value: Any, name: str, default: int, *, minimum: int = 0, maximum:
     return min(number, maximum) if maximum is not None else number
 
 
+def page_param(value: Any) -> int:
+    """A page number: 1 when absent; 0 is accepted as the first page (Salesmsg's own example sends
+    ``page=0``); 422 when not an integer or negative."""
+    return max(1, int_param(value, "page", 1, minimum=0))
+
+
 def time_param(value: Any, name: str) -> float | None:
     """A date or time: ISO 8601 (date only = midnight UTC; no zone = UTC) or POSIX seconds."""
     if value is None or value == "":

@@ -131,7 +131,7 @@ async def test_operator_and_org_admin_connect_a_hipaa_tenant_then_message_and_di
     await expect(op.get_by_role("status")).to_have_text("Message sent.")
     latest = op.locator("#thread #latest")
     await expect(latest).to_contain_text(REPLY)
-    await expect(latest).to_contain_text("You ·")
+    await expect(latest.locator(".sender")).to_have_text("Avery Testwell")  # the member the connection acts as
     await expect(latest.locator(".badge")).to_have_text(re.compile(r"^(queued|sent|delivered)$"))
     # The emulator moves it to "delivered" within a second; a reload shows the new status.
     for _ in range(40):

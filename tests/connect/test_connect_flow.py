@@ -226,3 +226,19 @@ async def test_pat_connection_is_checked_and_not_baa_gated(runtime, operator):
     assert ok.status_code == 303
     conn = await _connection(runtime, tenant.id)
     assert conn.kind == "pat" and conn.status == "active" and "conversations:read" in conn.scopes.split()
+
+
+async def test_a_baa_refusal_sent_as_an_html_page_is_still_a_baa_refusal(runtime, operator, upstream):
+    """Some Salesmsg errors come back as HTML: the BAA sentence in a page is read as the BAA refusal."""
+    tenant = await make_tenant(runtime, "acme-clinic", hipaa=True)
+    await operator.post_form("/t/acme-clinic/baa", {"reference": "BAA-2026-02", "confirm": "yes"}, csrf_from="/t/acme-clinic")
+    started = await operator.start_connect("acme-clinic", BASIC + PHI)
+    callback = await operator.approve_at_emulator(started.headers["location"], user_id=HIPAA_USER)
+    page = ("<!DOCTYPE html><html><head><title>Forbidden</title></head><body><h1>Access denied.</h1>"
+            "<p>You must have a signed Business Associate Agreement (BAA) to continue.</p></body></html>")
+    upstream.controls.fail_next(1, status=403, path_prefix="/pub/v2.2/oauth/token", method="POST", body=page,
+                                content_type="text/html; charset=utf-8")
+    refused = await operator.follow_callback(callback)
+    assert refused.status_code == 403 and "baa_required" in refused.text
+    assert "Access denied. You must have a signed Business Associate Agreement (BAA) to continue." in refused.text
+    assert await _connection(runtime, tenant.id) is None

@@ -90,3 +90,14 @@ def test_no_connection_is_not_connected_and_not_locked():
 def test_every_phi_scope_is_in_the_catalogue_and_flagged():
     assert scopes.PHI_SCOPES <= scopes.ALL_SCOPES
     assert all(scopes.CATALOGUE[name].phi for name in scopes.PHI_SCOPES)
+
+
+@pytest.mark.parametrize("scope", ["calls:read", "recordings:read", "recordings:write"])
+def test_a_grant_holding_an_unlisted_phi_scope_is_gated_like_any_phi_scope(scope):
+    granted = f"{scope} {PLAIN}"
+    assert scopes.is_phi(scope)
+    with pytest.raises(Refusal) as refused:
+        policy.decide(access(hipaa=True, baa=False, granted=granted), scope)
+    assert refused.value.code == "baa_required"
+    policy.decide(access(hipaa=True, baa=True, granted=granted), scope)
+    assert policy.usable([scope, PLAIN], phi_allowed=False) == [PLAIN]

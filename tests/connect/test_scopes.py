@@ -20,6 +20,37 @@ def test_catalogue_covers_the_documented_table_plus_calls_and_recordings():
         assert f"{resource}:write" in scopes.ALL_SCOPES
     assert {"calls:read", "recordings:read", "recordings:write"} <= scopes.ALL_SCOPES
     assert len(scopes.ALL_SCOPES) == 2 * len(documented) + 3
+    # the table is what is offered: 31 resources with read and write, no catch-all
+    assert scopes.TABLE_SCOPES == {f"{r}:{a}" for r in documented for a in ("read", "write")}
+    assert len(scopes.TABLE_SCOPES) == 62
+    assert scopes.UNLISTED_PHI_SCOPES == {"calls:read", "recordings:read", "recordings:write"}
+
+
+def test_the_unlisted_phi_scopes_are_offered_only_when_turned_on():
+    assert scopes.offered(unlisted=False) == scopes.TABLE_SCOPES
+    assert scopes.offered(unlisted=True) == scopes.ALL_SCOPES
+    shown = {s.name for g in scopes.grouped() for s in g.scopes}
+    assert shown == scopes.TABLE_SCOPES
+    assert {s.name for g in scopes.grouped(unlisted=True) for s in g.scopes} == scopes.ALL_SCOPES
+    assert all(scopes.is_phi(s) for s in scopes.UNLISTED_PHI_SCOPES)  # PHI wherever a grant holds them
+
+
+@pytest.mark.parametrize("scope", ["calls:read", "recordings:read", "recordings:write"])
+def test_asking_for_an_unlisted_scope_is_refused_unless_offered(scope):
+    with pytest.raises(policy.ScopeError) as info:
+        policy.check_request(["teams:read", scope], phi_allowed=True)
+    assert (info.value.code, info.value.scopes) == ("scope_not_offered", [scope])
+    assert info.value.as_app_error().status_code == 422
+    assert policy.check_request(["teams:read", scope], phi_allowed=True, offer_unlisted=True) == [scope, "teams:read"]
+    with pytest.raises(policy.ScopeError) as phi:  # offered, and still PHI
+        policy.check_request(["teams:read", scope], phi_allowed=False, offer_unlisted=True)
+    assert (phi.value.code, phi.value.scopes) == ("baa_required", [scope])
+
+
+def test_defaults_keep_only_offered_scopes():
+    raw = "teams:read calls:read recordings:write nonsense:read users:read"
+    assert policy.offered_defaults(raw, offer_unlisted=False) == ["teams:read", "users:read"]
+    assert policy.offered_defaults(raw, offer_unlisted=True) == ["calls:read", "recordings:write", "teams:read", "users:read"]
 
 
 def test_phi_list_is_the_seed_list():

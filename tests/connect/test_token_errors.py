@@ -37,10 +37,47 @@ def test_answers_are_classified(status, raw, kind, error):
     assert found.transient is (kind == "transient")
 
 
-def test_a_baa_refusal_is_its_own_kind_with_salesmsgs_message():
-    found = classify(403, body(message="Access denied. You must have a signed Business Associate Agreement (BAA) to continue."))
-    assert found.kind == "baa_required"
+BAA_SENTENCE = "Access denied. You must have a signed Business Associate Agreement (BAA) to continue."
+BAA_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Forbidden</title></head>
+<body><div class="error"><h1>403</h1>
+<p>Access denied. You must have a signed Business
+   Associate&nbsp;Agreement (BAA) to continue.</p></div></body></html>""".encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body(message=BAA_SENTENCE),
+        body(error_description=BAA_SENTENCE, error="access_denied"),
+        body(error=BAA_SENTENCE),
+        BAA_PAGE,
+        BAA_SENTENCE.encode(),  # plain text
+    ],
+    ids=["json-message", "json-error_description", "json-error", "html-page", "plain-text"],
+)
+def test_a_baa_refusal_is_its_own_kind_with_salesmsgs_message(raw):
+    found = classify(403, raw)
+    assert (found.kind, found.error) == ("baa_required", "baa_required")
     assert found.description == BAA_REQUIRED_MESSAGE
+    assert not found.transient
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "kind"),
+    [
+        (403, body(message="This action is unauthorized."), "invalid"),
+        (403, b"<html><body><h1>403 Forbidden</h1></body></html>", "invalid"),
+        (403, body(message=["Business Associate Agreement"]), "invalid"),  # not a string: not the sentence
+        (500, BAA_PAGE, "transient"),  # a server error page is trouble on their side, whatever it says
+    ],
+)
+def test_other_refusals_are_not_taken_for_a_baa_refusal(status, raw, kind):
+    assert classify(status, raw).kind == kind
+
+
+def test_an_error_that_is_not_a_string_does_not_break_classification():
+    assert classify(400, body(error={"code": "x"})).kind == "invalid"
 
 
 def test_retry_after_is_kept_for_transient_answers():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
 from app.core.models import AuditEntry, Connection
 from tests.support.journeys import (
     HIPAA_USER,
+    PLAIN_OTHER_USER,
     PLAIN_USER,
     Browser,
     connected_tenant,
@@ -57,7 +59,9 @@ async def test_thread_send_and_double_submit_sends_once(runtime, browser, bakery
     assert upstream.controls.counter("api.POST /conversations/{id}/send") == 1
     after = await browser.get(first.headers["location"])
     assert after.text.count("See you at 9, Casey") == 1 and "Message sent." in after.text
-    assert re.search(r"See you at 9, Casey<span class=\"meta\">You · [^<]+<span class=\"badge warn\">(queued|sent)</span>", after.text)
+    # sent through the connection, which acts as the member who connected it: shown by name
+    assert re.search(r'<div class="msg outbound" id="latest">See you at 9, Casey<span class="meta"><span class="sender">Casey Placeholder'
+                     r'</span> · [^<]+<span class="badge warn">(queued|sent)</span>', after.text)
 
 
 async def test_long_or_empty_messages_are_refused_and_the_text_kept(runtime, browser, bakery, upstream):
@@ -150,12 +154,70 @@ async def test_org_admin_sees_only_their_own_tenant(runtime, live_app, upstream,
         await admin.close()
 
 
-async def test_contacts_page_lists_and_searches(runtime, browser, bakery):
+async def test_contacts_page_lists_and_searches(runtime, browser, bakery, upstream):
+    upstream.controls.reset_counters()
     page = await browser.get("/t/corner-bakery/contacts")
     assert page.status_code == 200 and page.text.count("<tr>") > 5
     name = re.search(r"<td>([A-Z][a-z]+ [A-Za-z]+)</td>", page.text).group(1)
     found = await browser.get(f"/t/corner-bakery/contacts?search={name.split()[0]}")
     assert name in found.text
+    others = set(CONTACT_NAME.findall(page.text)) - set(CONTACT_NAME.findall(found.text))
+    assert others  # the search narrowed the list
+    # listed through the current endpoint, not the deprecated GET /contacts
+    assert upstream.controls.counter("api.POST /contacts/list") == 2 and upstream.controls.counter("api.GET /contacts") == 0
+
+
+async def test_contacts_page_pages(runtime, browser, bakery, upstream):
+    first = await browser.get("/t/corner-bakery/contacts")
+    assert 'rel="next"' not in first.text  # 12 contacts, 20 a page
+    upstream.controls.reset_counters()
+    second = await browser.get("/t/corner-bakery/contacts?page=2")
+    assert second.status_code == 200 and not CONTACT_NAME.findall(second.text) and "No contacts" in second.text
+
+
+async def test_contacts_page_works_for_a_grant_salesmsg_refuses_the_listing_for(runtime, browser, upstream):
+    """Public v2.3 clients tag POST /contacts/list contacts:write: a contacts:read grant is listed
+    through GET /contacts instead."""
+    upstream.controls.update_settings(contacts_list_scope="contacts:write")
+    await connected_tenant(runtime, browser, "corner-bakery", scopes=["contacts:read", "conversations:read", "users:read"])
+    upstream.controls.reset_counters()
+    page = await browser.get("/t/corner-bakery/contacts")
+    assert page.status_code == 200 and 'id="problem-banner"' not in page.text
+    assert len(CONTACT_NAME.findall(page.text)) == 12
+    assert upstream.controls.counter("api.POST /contacts/list.403") == 1 and upstream.controls.counter("api.GET /contacts.200") == 1
+
+
+THREAD_ENTRY = re.compile(r'<div class="msg (outbound|inbound)"[^>]*>([^<]*)<span class="meta"><span class="sender">([^<]+)</span>')
+CONTACT_NAME = re.compile(r"<tr>\s*<td>([^<]+)</td>")
+
+
+async def test_the_thread_names_who_sent_each_message(runtime, browser, bakery, upstream):
+    conversation = conversation_ids((await browser.get("/t/corner-bakery/conversations")).text)[0]
+    # another member of the org answers from Salesmsg's own app, then the contact writes back
+    token = upstream.controls.issue_pat(PLAIN_OTHER_USER, ["messages:write"])
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+        sent = await http.post(f"{upstream.api_base}/conversations/{conversation}/send",
+                               headers={"Authorization": f"Bearer {token}"}, json={"message": "Drew here, from the app"})
+    assert sent.status_code == 201, sent.text
+    upstream.controls.inject_inbound(conversation, "Thanks Drew")
+    thread = await browser.get(f"/t/corner-bakery/conversations/{conversation}")
+    contact = re.search(r"<h2>([^<]+)</h2>", thread.text).group(1)
+    entries = THREAD_ENTRY.findall(thread.text)
+    assert entries[-2:] == [("outbound", "Drew here, from the app", "Drew Sample"), ("inbound", "Thanks Drew", contact)]
+    assert {sender for side, _, sender in entries if side == "inbound"} == {contact}
+
+
+async def test_seeded_threads_show_each_member_and_automations(runtime, browser, bakery, upstream):
+    ids: set[int] = set()
+    for name in ("open", "closed"):
+        ids |= set(conversation_ids((await browser.get(f"/t/corner-bakery/conversations?filter={name}")).text))
+    outbound: set[str] = set()
+    for conversation in sorted(ids):
+        page = await browser.get(f"/t/corner-bakery/conversations/{conversation}")
+        outbound |= {sender for side, _, sender in THREAD_ENTRY.findall(page.text) if side == "outbound"}
+    # messages carry no direction: the side and the name come from user, automated and the times
+    assert {"Casey Placeholder", "Drew Sample", "Automated"} <= outbound
+    assert "You" not in outbound and "Contact" not in outbound
 
 
 async def test_not_connected_tenant_pages_invite_to_connect(runtime, browser):

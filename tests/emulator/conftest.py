@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.emulator_controls import ControlledEmulator
 
-from .support import ALL_SCOPES, REDIRECT_URI, Flow, OAuth2Client, make_config
+from .support import ALL_SCOPES, PAT_ACME, PAT_CORNER, REDIRECT_URI, Api, Flow, OAuth2Client, make_config
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,15 @@ def oauth_client() -> Iterator[OAuth2Client]:
                           code_challenge_method="S256", trust_env=False, timeout=10)  # fmt: skip
     with client:
         yield client
+
+
+@pytest.fixture
+def acme(emulator: ControlledEmulator, http: httpx.Client) -> Api:
+    """The API as Avery of Acme Clinic (org 1), through a PAT with every test scope."""
+    return Api(emulator, http, PAT_ACME)
+
+
+@pytest.fixture
+def corner(emulator: ControlledEmulator, http: httpx.Client) -> Api:
+    """The API as Casey of Corner Bakery (org 3)."""
+    return Api(emulator, http, PAT_CORNER)

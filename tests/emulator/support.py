@@ -30,6 +30,14 @@ ACME, BRIGHT, CORNER = 1, 2, 3
 AVERY, ALEX, BLAIR, CASEY, CAM = 101, 102, 201, 301, 302
 
 
+# Every field of a message object, as Salesmsg's v2.3 clients show it (no direction, no team_id).
+MESSAGE_FIELDS = {
+    "id", "conversation_id", "status", "type", "body", "body_raw", "automated", "user_id", "user", "source",
+    "mms_status", "record", "contact", "media", "received_at", "send_at", "queued_at", "sent_at", "delivered_at",
+    "failed_at", "failed_reason", "created_at",
+}  # fmt: skip
+
+
 def config_data(**overrides: Any) -> dict[str, Any]:
     """The test configuration as plain data (also written to files by the CLI tests)."""
     data: dict[str, Any] = {
@@ -71,6 +79,32 @@ def make_config(**overrides: Any) -> EmulatorConfig:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def is_refused(answer: httpx.Response, reason: str | None = None) -> bool:
+    """Whether ``answer`` is the default answer to a refused token (malformed, or expired, revoked,
+    unknown, badly signed): 403 ``{"message": "Could not decode token: <reason>", "auth_required": true}``."""
+    if answer.status_code != 403:
+        return False
+    body = answer.json()
+    prefix = "Could not decode token: "
+    return (body.get("auth_required") is True and isinstance(body.get("message"), str)
+            and body["message"].startswith(prefix) and (reason is None or body["message"] == prefix + reason))
+
+
+class Api:
+    """A tiny client bound to one bearer token."""
+
+    def __init__(self, server: ControlledEmulator, http: httpx.Client, token: str) -> None:
+        self.base, self.http, self.headers = server.api_base, http, bearer(token)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, self.base + path, headers=self.headers | (headers or {}), **kwargs)
+
+    def get(self, path: str, **params: Any) -> Any:
+        answer = self.request("GET", path, params=params)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
 
 
 def query_of(url: str) -> dict[str, str]:

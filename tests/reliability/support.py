@@ -138,7 +138,7 @@ def serve_env(settings: Settings, *, database_url: str | None = None, api_base: 
         SMC_LOG_FORMAT="json",
         SMC_RATE_LIMIT_PER_KEY="1000000/minute",
         SMC_RATE_LIMIT_PER_TENANT="1000000/minute",
-        **extra,
+        **{"SMC_UPSTREAM_BUDGET_PER_MINUTE": "1000000", **extra},
     )
 
 

@@ -146,19 +146,44 @@ async def test_a_dropped_send_is_502_once_and_its_key_keeps_the_answer(key, clie
     assert text not in await _thread_bodies(client_for, key, conversation)
 
 
-async def test_429_with_retry_after_as_seconds_and_as_date_is_relayed_for_a_send(key, client_for, upstream):
+async def test_429_with_retry_after_as_seconds_or_a_date_is_relayed_and_holds_every_call_that_long(
+    key, client_for, upstream, runtime
+):
+    """Salesmsg's own 429 has no header (its lockout is 60 s); one that something in front of it
+    sends with Retry-After, in seconds or as a date, is relayed and locks the org out that long."""
     import email.utils
     import time
 
     conversation = await _conversation(client_for, key)
     url = proxy_url("reliable", f"conversations/{conversation}/send")
-    for retry_after in ("45", email.utils.formatdate(time.time() + 45, usegmt=True)):
+    for retry_after in ("2", email.utils.formatdate(time.time() + 45, usegmt=True)):
+        await _until_not_locked_out(runtime, "reliable")
         upstream.controls.fail_next(1, status=429, path_prefix=f"/pub/v2.2/conversations/{conversation}/send",
                                     retry_after=retry_after)
         response = await client_for.post(url, headers=auth(key), json={"message": "rate limited"})
         assert response.status_code == 429 and response.headers["retry-after"] == retry_after
+        held = await client_for.post(url, headers=auth(key), json={"message": "rate limited"})
+        assert held.status_code == 429 and held.json()["error"]["code"] == "upstream_locked_out"
+        assert 1 <= int(held.headers["retry-after"]) <= (2 if retry_after == "2" else 45)
+    # the two that reached Salesmsg were its 429s; the held calls were never sent
     assert upstream.controls.counter("api.POST /conversations/{id}/send") == 2
-    assert "rate limited" not in await _thread_bodies(client_for, key, conversation)
+    assert upstream.controls.counter("fault.fail") == 2
+
+
+async def _until_not_locked_out(runtime, slug: str) -> None:
+    from app.connections.store import get_connection
+    from app.connections.view import ConnectionView
+    from app.tenants import registry
+
+    async with runtime.db.session() as session:
+        tenant = await registry.get_tenant(session, slug)
+        view = ConnectionView.of(await get_connection(session, tenant.id))
+    for _ in range(100):
+        state = await runtime.upstream.budget.state(view)
+        if state is None or not state.locked_for:
+            return
+        await asyncio.sleep(min(state.locked_for, 0.5))
+    raise AssertionError("the lockout did not end")
 
 
 async def test_a_send_rate_limited_by_salesmsg_can_be_retried_with_the_same_key(key, client_for, upstream):

@@ -54,6 +54,17 @@ class EmulatorControls:
                client_id: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
         return self._call("GET", "/grants", params={"org_id": org_id, "user_id": user_id, "client_id": client_id})
 
+    def org_usage(self, org_id: int) -> dict[str, int]:
+        """Public API requests of ``org_id`` since the last counter reset: ``served`` (every request with
+        a valid token that was not refused for the rate limit) and ``rate_limited`` (answered 429)."""
+        counts = self.counters()
+        return {"served": counts.get(f"org.{org_id}.served", 0),
+                "rate_limited": counts.get(f"org.{org_id}.rate_limited", 0)}  # fmt: skip
+
+    def rate_limits(self) -> dict[str, Any]:
+        """``{"scope", "per_minute", "budgets": {key: {"in_window", "blocked_until"}}, "orgs": {id: usage}}``."""
+        return self._call("GET", "/rate-limits")
+
     def clock(self) -> dict[str, Any]:
         return self._call("GET", "/clock")
 
@@ -107,7 +118,11 @@ class EmulatorControls:
     # --- settings and clock --------------------------------------------------------
 
     def update_settings(self, **changes: Any) -> dict[str, Any]:
-        """Change run-time settings, e.g. ``rate_limit_per_minute=5, html_errors=True``."""
+        """Change run-time settings, e.g. ``rate_limit_per_minute=5, html_errors=True``,
+        ``rate_limit_scope="app"`` (org, app, token), ``invalid_token_answer="401"`` (observed, 401, 403,
+        500), ``dead_token_answer="as_invalid"`` (as_invalid, 401, 403, 500),
+        ``rate_limit_lockout_extends=True``, ``contacts_list_scope="contacts:read"``,
+        ``automated_messages_user=True``."""
         return self._call("PATCH", "/settings", changes)
 
     def advance_clock(self, seconds: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ PUBLIC_URL = "http://127.0.0.1:8000"
 # Emulator orgs and users (ids are Salesmsg's).
 HIPAA_ORG, HIPAA_USER = 1, 101
 PLAIN_ORG, PLAIN_USER = 3, 301
+PLAIN_OTHER_USER = 302  # a second member of the plain org: seeded messages come from either
 OTHER_HIPAA_ORG, OTHER_HIPAA_USER = 2, 201
 PAT = "pat-test-plain-user-000000000000"
 
@@ -57,6 +58,7 @@ def emulator_config(*, baa_signed: bool = False) -> EmulatorConfig:
             UserConfig(id=HIPAA_USER, name="Avery Testwell", email="avery@acme-clinic.example", org=HIPAA_ORG),
             UserConfig(id=OTHER_HIPAA_USER, name="Blair Fakeley", email="blair@bright-dental.example", org=OTHER_HIPAA_ORG),
             UserConfig(id=PLAIN_USER, name="Casey Placeholder", email="casey@corner-bakery.example", org=PLAIN_ORG),
+            UserConfig(id=PLAIN_OTHER_USER, name="Drew Sample", email="drew@corner-bakery.example", org=PLAIN_ORG),
         ],
         personal_access_tokens=[PatConfig(token=PAT, user=PLAIN_USER, scopes=["conversations:read", "teams:read", "users:read"])],
         controls_enabled=True,

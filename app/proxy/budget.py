@@ -1,0 +1,321 @@
+"""Salesmsg's request budget, held for every caller of a connection by every process and replica.
+
+Salesmsg allows about 60 requests a minute and, past that, answers 429 for the next 60 s with no
+rate-limit headers. Whether it counts per token, per org or per OAuth app is not published, so the
+budget's key is a setting (``SMC_UPSTREAM_BUDGET_SCOPE``: one per connection, the default, or one
+per OAuth app). The gateway keeps every budget under its limit itself:
+
+- A ledger per budget holds the times of its last ``limit`` grants (``plan``): a call may go at
+  ``now`` while fewer than ``limit`` grants fall in the last window; otherwise it reserves the
+  earliest time one of them leaves the window. Any window of that length then holds at most
+  ``limit`` calls, whether Salesmsg counts a rolling or a fixed minute. The window is Salesmsg's
+  minute plus a guard (``SMC_UPSTREAM_BUDGET_GUARD_SECONDS``, 1 s) for the time a request takes to
+  reach Salesmsg and for clocks: 60 calls per 61 s, 98.4 % of the budget.
+- Grants are also paced (GCRA, the generic cell rate algorithm): a burst of
+  ``SMC_UPSTREAM_BUDGET_BURST`` (10) goes at once, then one call per window/limit. A dashboard
+  page's few calls never wait; under load the budget is spread over the minute instead of spent in
+  its first second, so the queue moves a place a second and stays short.
+- A reservation is at most ``SMC_UPSTREAM_BUDGET_MAX_WAIT_SECONDS`` (10 s) ahead: the queue is
+  short and bounded; a call that would wait longer gets our 429 with ``Retry-After`` at once.
+- The queue is fair between callers (each API key, each dashboard user): while calls wait, one
+  caller may hold at most its share of the queue's places (places / callers waiting), so a key
+  sending 50 calls at once cannot push a key sending one out of the queue. Callers that wait in
+  turn are served in arrival order, round-robin.
+- A 429 from Salesmsg locks the budget for ``SMC_UPSTREAM_LOCKOUT_SECONDS`` (60 s) in the ledger:
+  every process refuses calls to that connection with our 429 and sends nothing until it ends. A
+  call that waited for its slot reads the ledger again before it goes.
+
+The ledger lives in PostgreSQL (one row, locked for the update; SQLite in the embedded demo) or in
+Redis when ``SMC_REDIS_URL`` is set (``budget_stores``). A call costs one round trip to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
+
+from app.connections.view import PAT, ConnectionView
+from app.core.errors import Refusal
+from app.core.logs import get_logger
+from app.core.metrics import BUDGET_CALLS, BUDGET_LOCKOUTS, BUDGET_QUEUED, BUDGET_WAIT_SECONDS, child
+from app.core.settings import Settings
+
+log = get_logger(__name__)
+
+SALESMSG_WINDOW_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRules:
+    limit: int  # calls per window; 0: no budget
+    window: float  # seconds: Salesmsg's minute plus the guard
+    max_wait: float  # how far ahead a call may reserve its slot
+    lockout: float  # seconds a Salesmsg 429 stops every call
+    burst: int = 10  # calls that may go at once before pacing starts
+
+    @classmethod
+    def of(cls, settings: Settings) -> BudgetRules:
+        return cls(limit=settings.upstream_budget_per_minute,
+                   window=SALESMSG_WINDOW_SECONDS + settings.upstream_budget_guard_seconds,
+                   max_wait=settings.upstream_budget_max_wait_seconds, lockout=float(settings.upstream_lockout_seconds),
+                   burst=settings.upstream_budget_burst)
+
+    @property
+    def spacing(self) -> float:
+        return self.window / self.limit
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of the paced schedule a call may go: a burst's worth."""
+        return (min(self.burst, self.limit) - 1) * self.spacing
+
+    @property
+    def queue_places(self) -> int:
+        """How many calls can be waiting at once: the slots that free up within ``max_wait``."""
+        return max(1, math.ceil(self.limit * self.max_wait / self.window))
+
+
+BUCKET_SECONDS = 0.1  # a grant is recorded at the end of its tenth of a second
+
+
+def _bucket(t: float) -> float:
+    return round(math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS, 6)
+
+
+@dataclass(slots=True)
+class Ledger:
+    """A budget's shared state: its grants still in the window as entries (time, caller, count),
+    oldest first; the pacing schedule (the theoretical arrival time of the next call); the end of
+    a lockout. A grant is recorded at the end of its tenth of a second (later is the safe side: it
+    leaves the window no earlier than it really does). Only a reservation (a call waiting for its
+    time) keeps its caller, for the queue's fairness; a call that went is anonymous (caller ""),
+    and calls of one tenth share an entry. A ledger therefore stays small (about 610 entries past
+    the window, plus the waiting ones) whatever the limit."""
+
+    slots: list[tuple[float, str, int]] = field(default_factory=list)
+    tat: float = 0.0
+    locked_until: float = 0.0
+
+    def encode(self) -> str:
+        return json.dumps({"slots": [[round(t, 6), c, n] for t, c, n in self.slots], "tat": round(self.tat, 6),
+                           "locked_until": round(self.locked_until, 6)}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes | None) -> Ledger:
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(sorted((float(t), str(c), int(n)) for t, c, n in data["slots"]), float(data["tat"]),
+                   float(data["locked_until"]))
+
+    def used(self, now: float, window: float) -> int:
+        """Grants that went in the last window (not counting reservations ahead)."""
+        return sum(n for t, c, n in self.slots if t > now - window and not (c and t > now))
+
+    def waiting(self, now: float) -> int:
+        """Reservations: calls waiting for their time."""
+        return sum(n for t, c, n in self.slots if c and t > now)
+
+    def _compact(self, now: float, window: float) -> int:
+        """Drop what left the window, forget the callers of what has gone (merging their entries);
+        the number of grants still in the window."""
+        kept: list[tuple[float, str, int]] = []
+        total = 0
+        for t, c, n in self.slots:
+            if t <= now - window:
+                continue
+            c = c if t > now else ""
+            if kept and kept[-1][:2] == (t, c):
+                n += kept.pop()[2]
+            kept.append((t, c, n))
+            total += n
+        self.slots = kept
+        return total
+
+    def _drop_oldest(self) -> None:
+        t, c, n = self.slots[0]
+        if n > 1:
+            self.slots[0] = (t, c, n - 1)
+        else:
+            self.slots.pop(0)
+
+    def _add(self, at: float, caller: str) -> None:
+        """One grant at ``at``: one more in the caller's entry for that tenth of a second."""
+        t = _bucket(at)
+        i = bisect.bisect_left(self.slots, (t, caller))
+        if i < len(self.slots) and self.slots[i][:2] == (t, caller):
+            self.slots[i] = (t, caller, self.slots[i][2] + 1)
+        else:
+            self.slots.insert(i, (t, caller, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``at``: the time the call may go; else ``reason`` (locked, full, fair_share) and ``retry_after``."""
+
+    at: float | None
+    reason: str = "granted"
+    retry_after: float = 0.0
+
+
+def plan(ledger: Ledger, *, rules: BudgetRules, now: float, caller: str) -> Verdict:
+    """Decide one call and record its grant in ``ledger``. Pure; the stores run it atomically."""
+    if ledger.locked_until > now:
+        return Verdict(None, "locked", ledger.locked_until - now)
+    full = ledger._compact(now, rules.window) >= rules.limit
+    at = max(now, ledger.slots[0][0] + rules.window) if full else now
+    at = max(at, ledger.tat - rules.tolerance)
+    if at > now + rules.max_wait:
+        return Verdict(None, "full", at - rules.max_wait - now)
+    if at > now:
+        waiting: dict[str, list[float]] = {}
+        for t, c, n in ledger.slots:
+            if c and t > now:
+                waiting.setdefault(c, []).extend([t] * n)
+        share = max(1, math.ceil(rules.queue_places / len(waiting.keys() | {caller})))
+        mine = waiting.get(caller, [])
+        if len(mine) >= share:
+            return Verdict(None, "fair_share", min(mine) - now)
+    if full:
+        ledger._drop_oldest()
+    ledger._add(at, caller if at > now else "")
+    ledger.tat = max(ledger.tat, at) + rules.spacing
+    return Verdict(at)
+
+
+class BudgetStore(Protocol):
+    """Where the ledgers live; each method is atomic across every process that shares the store."""
+
+    async def take(self, key: str, *, rules: BudgetRules, now: float, caller: str) -> Verdict: ...
+
+    async def lock(self, key: str, *, until: float) -> None: ...
+
+    async def read(self, key: str) -> Ledger: ...
+
+    async def close(self) -> None: ...
+
+
+class BudgetUnavailable(Exception):
+    """The store could not be reached: the call is refused (fail closed), never sent unbudgeted."""
+
+
+def caller_tag(caller: str) -> str:
+    """A short stable tag for a caller (an API key, a dashboard user) as the ledger stores it."""
+    return hashlib.blake2b(caller.encode(), digest_size=6).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """What the tenant page shows."""
+
+    limit: int
+    used: int
+    waiting: int
+    locked_for: float  # seconds left of a lockout; 0 when none
+
+
+class UpstreamBudget:
+    """The per-process side: ``acquire`` before each call to Salesmsg, ``locked_out`` on its 429."""
+
+    def __init__(self, *, settings: Settings, store: BudgetStore) -> None:
+        self.rules = BudgetRules.of(settings)
+        self.scope = settings.upstream_budget_scope
+        self.client_id = settings.salesmsg_client_id
+        self.store = store
+        self._locked: dict[str, float] = {}  # lockouts this process already knows of
+
+    @property
+    def enabled(self) -> bool:
+        return self.rules.limit > 0
+
+    def key_for(self, conn: ConnectionView) -> str:
+        if self.scope == "app" and conn.kind != PAT:
+            return f"app:{self.client_id}"
+        return f"tenant:{conn.tenant_id}"
+
+    async def acquire(self, conn: ConnectionView, *, caller: str) -> None:
+        """Return when the call may go (at once, or after a short wait); otherwise raise our 429."""
+        if not self.enabled:
+            return
+        key = self.key_for(conn)
+        now = time.time()
+        if self._locked.get(key, 0.0) > now:
+            self._refuse(Verdict(None, "locked", self._locked[key] - now))
+        try:
+            verdict = await self.store.take(key, rules=self.rules, now=now, caller=caller_tag(caller))
+        except BudgetUnavailable:
+            child(BUDGET_CALLS, "refused_unavailable").inc()
+            raise Refusal(503, "budget_unavailable", "Salesmsg's request budget cannot be checked right now; try again shortly.",
+                          {"Retry-After": "5"}) from None
+        if verdict.at is None:
+            if verdict.reason == "locked":
+                self._locked[key] = now + verdict.retry_after
+            self._refuse(verdict)
+        delay = verdict.at - time.time()
+        if delay <= 0:
+            child(BUDGET_CALLS, "immediate").inc()
+            return
+        BUDGET_QUEUED.inc()
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            BUDGET_QUEUED.dec()
+        BUDGET_WAIT_SECONDS.observe(delay)
+        try:
+            locked_until = (await self.store.read(key)).locked_until  # a lockout may have begun meanwhile
+        except BudgetUnavailable:
+            locked_until = 0.0
+        now = time.time()
+        if locked_until > now:
+            self._locked[key] = locked_until
+            self._refuse(Verdict(None, "locked", locked_until - now))
+        child(BUDGET_CALLS, "queued").inc()
+
+    def _refuse(self, verdict: Verdict) -> NoReturn:
+        child(BUDGET_CALLS, f"refused_{verdict.reason}").inc()
+        retry = str(max(1, math.ceil(verdict.retry_after)))
+        if verdict.reason == "locked":
+            raise Refusal(429, "upstream_locked_out",
+                          "Salesmsg refused this organization's calls for a minute (its rate limit); nothing is sent until it ends.",
+                          {"Retry-After": retry})
+        raise Refusal(429, "upstream_budget_exhausted",
+                      "Salesmsg's request budget for this organization is used up for now; try again after Retry-After.",
+                      {"Retry-After": retry})
+
+    async def locked_out(self, conn: ConnectionView, *, seconds: float | None = None) -> None:
+        """Salesmsg answered 429: stop every process from calling this budget for the lockout
+        (Salesmsg's 60 s; as long as ``Retry-After`` said if something in front of it sent one)."""
+        if not self.enabled:
+            return
+        key = self.key_for(conn)
+        lockout = self.rules.lockout if seconds is None else min(max(seconds, 0.0), 3600.0)
+        if lockout <= 0:
+            return
+        until = time.time() + lockout
+        self._locked[key] = until
+        BUDGET_LOCKOUTS.inc()
+        log.warning("salesmsg rate limit: budget locked", budget=key, seconds=round(lockout, 1))
+        try:
+            await self.store.lock(key, until=until)
+        except BudgetUnavailable:
+            log.error("budget lockout not shared: the store is unreachable", budget=key)
+
+    async def state(self, conn: ConnectionView) -> BudgetState | None:
+        if not self.enabled:
+            return None
+        try:
+            ledger = await self.store.read(self.key_for(conn))
+        except BudgetUnavailable:
+            return None
+        now = time.time()
+        return BudgetState(limit=self.rules.limit, used=ledger.used(now, self.rules.window), waiting=ledger.waiting(now),
+                           locked_for=max(0.0, ledger.locked_until - now))
+
+    async def close(self) -> None:
+        await self.store.close()

@@ -1,0 +1,130 @@
+"""Salesmsg's request budget through the proxy and the dashboard, against the emulator over HTTP:
+our 429 past the budget without a call to Salesmsg, a Salesmsg 429 locking the org out, and the
+ledger held atomically by each store (the database, Redis) under concurrent callers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from app.core.db import Database, create_engine
+from app.core.settings import Settings
+from app.proxy.budget import BudgetRules, Ledger
+from app.proxy.budget_stores import LocalBudgetStore, PostgresBudgetStore, RedisBudgetStore
+from tests.support.journeys import auth, connected_tenant, make_api_key
+
+T0 = 1_780_000_000.0
+
+
+@pytest.fixture
+def connected_settings(connected_settings: Settings) -> Settings:
+    # five calls a minute, no queue: the sixth is ours to refuse
+    return connected_settings.model_copy(update={"upstream_budget_per_minute": 5, "upstream_budget_max_wait_seconds": 0.0})
+
+
+def _served(upstream) -> int:
+    return sum(v for k, v in upstream.controls.counters().items() if k.startswith("org.") and k.endswith(".served"))
+
+
+async def test_past_the_budget_the_proxy_answers_429_itself_and_salesmsg_sees_nothing(runtime, browser, client_for, upstream):
+    await connected_tenant(runtime, browser, "budgeted")
+    key = await make_api_key(runtime, tenants=["budgeted"])
+    upstream.controls.reset_counters()
+    url = "/api/v1/tenants/budgeted/proxy/teams"
+    answers = [await client_for.get(url, headers=auth(key)) for _ in range(7)]
+    assert [a.status_code for a in answers] == [200] * 5 + [429] * 2
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "upstream_budget_exhausted"
+    assert 45 <= int(refused.headers["Retry-After"]) <= 62  # when the first call leaves our 61 s window
+    assert _served(upstream) == 5 and upstream.controls.counter("rate_limited") == 0
+    # the dashboard draws on the same budget: its inbox is refused too, with the same clear message
+    page = await browser.app_client.get("/t/budgeted/conversations")
+    assert page.status_code == 200 and "request budget for this organization is used up" in page.text
+    assert _served(upstream) == 5
+    overview = await browser.app_client.get("/t/budgeted")
+    assert "5 of 5 calls in the last minute" in overview.text  # the operator sees why
+
+
+async def test_a_salesmsg_429_locks_the_org_out_and_nothing_more_is_sent(runtime, browser, client_for, upstream, connected_settings):
+    runtime.upstream.budget.rules = BudgetRules.of(connected_settings.model_copy(update={"upstream_budget_per_minute": 100}))
+    await connected_tenant(runtime, browser, "locked")
+    key = await make_api_key(runtime, tenants=["locked"])
+    upstream.controls.reset_counters()
+    upstream.controls.update_settings(rate_limit_per_minute=3)  # Salesmsg's own limit is lower than ours
+    url = "/api/v1/tenants/locked/proxy/teams"
+    answers = [await client_for.get(url, headers=auth(key)) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[-1].headers["Retry-After"] == "60"  # Salesmsg sends none; its lockout is a minute
+    assert upstream.controls.counter("rate_limited") == 1
+    for _ in range(3):
+        again = await client_for.get(url, headers=auth(key))
+        assert again.status_code == 429 and again.json()["error"]["code"] == "upstream_locked_out"
+        assert 55 <= int(again.headers["Retry-After"]) <= 60
+    assert upstream.controls.counter("rate_limited") == 1 and _served(upstream) == 3  # we sent nothing more
+    state = await runtime.upstream.budget.state((await _view(runtime, "locked")))
+    assert state is not None and state.used == 4 and state.locked_for > 55  # four went; the fourth was refused
+    overview = await browser.app_client.get("/t/locked")
+    assert "locked out</span> by Salesmsg for" in overview.text
+
+
+async def _view(runtime, slug: str):
+    from app.connections.store import get_connection
+    from app.connections.view import ConnectionView
+    from app.tenants import registry
+
+    async with runtime.db.session() as session:
+        tenant = await registry.get_tenant(session, slug)
+        return ConnectionView.of(await get_connection(session, tenant.id))
+
+
+# -- the stores, each shared by many concurrent callers ------------------------------------------
+
+
+RULES = BudgetRules(limit=20, window=61.0, max_wait=5.0, lockout=60.0, burst=20)
+
+
+async def _hammer(store, key: str) -> list:
+    async def one(i: int):
+        return await store.take(key, rules=RULES, now=T0, caller=f"c{i % 4}")
+
+    return await asyncio.gather(*(one(i) for i in range(100)))
+
+
+async def _check_store(store) -> None:
+    key = f"tenant:{uuid.uuid4()}"
+    verdicts = await _hammer(store, key)
+    granted = [v.at for v in verdicts if v.at is not None]
+    assert len(granted) == RULES.limit  # every grant counted once, however the calls interleaved
+    assert all(at == T0 for at in granted)
+    ledger = await store.read(key)
+    assert ledger.used(T0, RULES.window) == RULES.limit and ledger.locked_until == 0
+    # near the end of the window, the next calls queue for the slots that free up, each caller its share
+    later = [await store.take(key, rules=RULES, now=T0 + 58, caller="late") for _ in range(10)]
+    assert [v.reason for v in later].count("granted") == RULES.queue_places
+    assert all(v.at is None or T0 + 61 <= v.at <= T0 + 58 + RULES.max_wait for v in later)
+    await store.lock(key, until=T0 + 120)
+    assert (await store.take(key, rules=RULES, now=T0 + 100, caller="c0")).reason == "locked"
+    assert (await store.read(key)).locked_until == T0 + 120
+
+
+async def test_the_postgres_store_counts_each_grant_once_under_concurrent_callers(requires_postgres, database_url):
+    db = Database(create_engine(Settings(_env_file=None, database_url=database_url)))
+    try:
+        await _check_store(PostgresBudgetStore(db))
+        assert (await PostgresBudgetStore(db).read("tenant:never-used")) == Ledger()
+    finally:
+        await db.dispose()
+
+
+async def test_the_in_process_store_of_sqlite_deployments_keeps_the_same_ledger():
+    await _check_store(LocalBudgetStore())
+
+
+async def test_the_redis_store_counts_each_grant_once_under_concurrent_callers(redis_url):
+    store = RedisBudgetStore(redis_url)
+    try:
+        await _check_store(store)
+    finally:
+        await store.close()

@@ -1,0 +1,143 @@
+"""The budget's decision (``app.proxy.budget.plan``): no window ever holds more than the limit,
+waits are bounded, the queue is fair between callers, a lockout refuses everything."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from app.proxy.budget import BudgetRules, Ledger, plan
+
+RULES = BudgetRules(limit=60, window=61.0, max_wait=10.0, lockout=60.0, burst=60)  # no pacing: the window alone
+PACED = BudgetRules(limit=60, window=61.0, max_wait=10.0, lockout=60.0, burst=10)  # the default
+T0 = 1_780_000_000.0  # a realistic epoch: float sums at this size must not cost a slot
+
+
+def _max_in_any_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_a_burst_up_to_the_limit_goes_at_once_and_the_next_call_queues():
+    ledger = Ledger()
+    verdicts = [plan(ledger, rules=RULES, now=T0 + i * 0.001, caller="a") for i in range(60)]
+    assert all(v.at is not None and v.at == T0 + i * 0.001 for i, v in enumerate(verdicts))
+    refused = plan(ledger, rules=RULES, now=T0 + 1, caller="b")
+    # the oldest grant leaves the window at T0 + 61: too far ahead to wait for; come back when it is 10 s away
+    assert refused.at is None and refused.reason == "full"
+    assert refused.retry_after == pytest.approx(61 - 10 - 1)
+
+
+def test_past_the_limit_a_call_waits_at_most_max_wait_then_is_refused_with_when_to_come_back():
+    ledger = Ledger()
+    for i in range(60):
+        assert plan(ledger, rules=RULES, now=T0 + i, caller=f"c{i % 7}").at == T0 + i
+    now = T0 + 60.5  # the first grant (T0) leaves the window at T0 + 61
+    first = plan(ledger, rules=RULES, now=now, caller="x")
+    assert first.at == pytest.approx(T0 + 61.0)
+    refused = None
+    for n in range(30):
+        verdict = plan(ledger, rules=RULES, now=now, caller=f"y{n}")
+        if verdict.at is None:
+            refused = verdict
+            break
+        assert verdict.at - now <= RULES.max_wait
+    assert refused is not None and refused.reason == "full"
+    assert 0 < refused.retry_after <= 61.0
+
+
+def test_no_window_ever_holds_more_than_the_limit_under_random_arrivals():
+    rng = random.Random(7)
+    ledger, sent, now = Ledger(), [], T0
+    for _ in range(5000):
+        now += rng.expovariate(3.0)  # three callers a second against a budget of one a second
+        verdict = plan(ledger, rules=RULES, now=now, caller=f"k{rng.randrange(10)}")
+        if verdict.at is not None:
+            assert verdict.at - now <= RULES.max_wait + 1e-9
+            sent.append(verdict.at)
+    assert _max_in_any_window(sent, RULES.window) == RULES.limit
+    minutes = (sent[-1] - sent[0]) / 60
+    steady = len(sent) - RULES.limit  # past the first burst, one window's worth each 61 s
+    assert steady / minutes == pytest.approx(60 * 60 / 61, rel=0.02)  # the whole budget is used
+
+
+def test_one_greedy_caller_cannot_take_every_place_in_the_queue():
+    ledger = Ledger()
+    for i in range(60):  # a full window whose grants leave it from T0 + 6 on, one every 0.1 s
+        plan(ledger, rules=RULES, now=T0 - 55 + i * 0.1, caller="warm")
+    now = T0 + 1
+    greedy = [plan(ledger, rules=RULES, now=now, caller="greedy") for _ in range(3 * RULES.queue_places)]
+    assert sum(v.at is not None for v in greedy) == RULES.queue_places  # its share, not every free place
+    assert greedy[-1].reason == "fair_share" and greedy[-1].retry_after == pytest.approx(5.0)
+    other = plan(ledger, rules=RULES, now=now, caller="light")
+    assert other.at is not None and other.at - now <= RULES.max_wait  # a caller with nothing queued gets a place
+    halves = [plan(ledger, rules=RULES, now=now, caller="greedy2") for _ in range(RULES.queue_places)]
+    assert sum(v.at is not None for v in halves) <= RULES.queue_places // 3 + 1  # the share shrinks as callers queue
+
+
+@pytest.mark.parametrize("rules", [RULES, PACED], ids=["window", "paced"])
+def test_callers_waiting_in_turn_share_the_budget_evenly(rules):
+    ledger, now = Ledger(), T0
+    ready = {f"caller{i}": now for i in range(10)}
+    served = dict.fromkeys(ready, 0)
+    for _ in range(3000):
+        caller, at = min(ready.items(), key=lambda item: item[1])
+        now = max(now, at)
+        verdict = plan(ledger, rules=rules, now=now, caller=caller)
+        if verdict.at is None:
+            ready[caller] = now + verdict.retry_after
+        else:
+            served[caller] += 1
+            ready[caller] = verdict.at + 0.2  # the call takes 200 ms, then the caller asks again
+    counts = sorted(served.values())
+    assert counts[0] >= 0.95 * counts[-1]
+
+
+def test_a_lockout_refuses_every_call_until_it_ends():
+    ledger = Ledger(locked_until=T0 + 60)
+    verdict = plan(ledger, rules=RULES, now=T0 + 1, caller="a")
+    assert verdict.at is None and verdict.reason == "locked" and verdict.retry_after == pytest.approx(59)
+    assert plan(ledger, rules=RULES, now=T0 + 60.001, caller="a").at == T0 + 60.001
+
+
+def test_the_ledger_round_trips_through_its_stored_form():
+    ledger = Ledger()
+    for i in range(5):
+        plan(ledger, rules=RULES, now=T0 + i / 3, caller=f"k{i}")
+    ledger.locked_until = 12.5
+    again = Ledger.decode(ledger.encode())
+    assert again.slots == ledger.slots
+    assert again.locked_until == 12.5 and again.tat == pytest.approx(ledger.tat)
+    assert Ledger.decode(None) == Ledger()
+    assert again.used(T0 + 2, RULES.window) == 5 and again.waiting(T0 + 2) == 0
+    full = Ledger()
+    for i in range(60):
+        plan(full, rules=RULES, now=T0 - 55, caller="burst")
+    reserved = plan(full, rules=RULES, now=T0, caller="waiter")
+    assert reserved.at == pytest.approx(T0 + 6, abs=0.11)  # the burst leaves the window (recorded a tenth late at most)
+    assert full.used(T0, RULES.window) == 59 and full.waiting(T0) == 1
+
+
+def test_past_a_burst_calls_are_paced_over_the_minute_and_the_window_still_holds():
+    ledger = Ledger()
+    first = [plan(ledger, rules=PACED, now=T0, caller=f"k{i}") for i in range(12)]
+    assert [v.at for v in first[:10]] == [T0] * 10  # a burst goes at once
+    assert first[10].at == pytest.approx(T0 + PACED.spacing) and first[11].at == pytest.approx(T0 + 2 * PACED.spacing)
+    # callers that keep asking get one slot every window/limit, never more than the limit in any window
+    sent, now = [v.at for v in first], T0
+    for step in range(400):
+        now += 0.3
+        verdict = plan(ledger, rules=PACED, now=now, caller=f"k{step % 10}")
+        if verdict.at is not None:
+            assert verdict.at - now <= PACED.max_wait + 1e-9
+            sent.append(verdict.at)
+    assert _max_in_any_window(sent, PACED.window) <= PACED.limit
+    paced = sorted(sent)[9:60]  # from the burst's last call until the window is full
+    assert all(b - a >= PACED.spacing - 1e-6 for a, b in zip(paced, paced[1:]))
+    assert paced[-1] - paced[0] == pytest.approx(50 * PACED.spacing, abs=0.31)
