@@ -17,16 +17,20 @@ per OAuth app). The gateway keeps every budget under its limit itself:
   its first second, so the queue moves a place a second and stays short.
 - A reservation is at most ``SMC_UPSTREAM_BUDGET_MAX_WAIT_SECONDS`` (10 s) ahead: the queue is
   short and bounded; a call that would wait longer gets our 429 with ``Retry-After`` at once.
-- The queue is fair between callers (each API key, each dashboard user): while calls wait, one
-  caller may hold at most its share of the queue's places (places / callers waiting), so a key
-  sending 50 calls at once cannot push a key sending one out of the queue. Callers that wait in
-  turn are served in arrival order, round-robin.
+- The queue is fair between callers (each API key, each dashboard user): while calls wait, a
+  caller may hold at most places / (callers waiting + 1) of the queue's places, so there is always
+  room for one more caller: a key sending 50 calls at once cannot push a key sending one out of
+  the queue. Callers that wait in turn are served in arrival order, round-robin.
 - A 429 from Salesmsg locks the budget for ``SMC_UPSTREAM_LOCKOUT_SECONDS`` (60 s) in the ledger:
   every process refuses calls to that connection with our 429 and sends nothing until it ends. A
   call that waited for its slot reads the ledger again before it goes.
+- Time is read where the decision is made (inside the store's lock), and a call that would leave
+  more than half the guard after its slot (a slow store, a busy process) takes a new one.
 
-The ledger lives in PostgreSQL (one row, locked for the update; SQLite in the embedded demo) or in
-Redis when ``SMC_REDIS_URL`` is set (``budget_stores``). A call costs one round trip to it.
+The ledger lives in PostgreSQL (one row, locked for the update) or in Redis when
+``SMC_REDIS_URL`` is set; on SQLite, one process by design, in the process (``budget_stores``).
+A call costs one round trip to it. A store that cannot be reached refuses calls (503): nothing
+goes to Salesmsg unbudgeted.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from app.core.settings import Settings
 log = get_logger(__name__)
 
 SALESMSG_WINDOW_SECONDS = 60.0
+_MAX_LOCKOUT_SECONDS = 3600.0
+_TAKES = 3  # slots one call may take when it keeps missing them
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +64,14 @@ class BudgetRules:
     max_wait: float  # how far ahead a call may reserve its slot
     lockout: float  # seconds a Salesmsg 429 stops every call
     burst: int = 10  # calls that may go at once before pacing starts
+    guard: float = 1.0  # the part of ``window`` beyond Salesmsg's minute
 
     @classmethod
     def of(cls, settings: Settings) -> BudgetRules:
-        return cls(limit=settings.upstream_budget_per_minute,
-                   window=SALESMSG_WINDOW_SECONDS + settings.upstream_budget_guard_seconds,
+        guard = settings.upstream_budget_guard_seconds
+        return cls(limit=settings.upstream_budget_per_minute, window=SALESMSG_WINDOW_SECONDS + guard,
                    max_wait=settings.upstream_budget_max_wait_seconds, lockout=float(settings.upstream_lockout_seconds),
-                   burst=settings.upstream_budget_burst)
+                   burst=settings.upstream_budget_burst, guard=guard)
 
     @property
     def spacing(self) -> float:
@@ -77,15 +84,24 @@ class BudgetRules:
 
     @property
     def queue_places(self) -> int:
-        """How many calls can be waiting at once: the slots that free up within ``max_wait``."""
-        return max(1, math.ceil(self.limit * self.max_wait / self.window))
+        """How many calls can be waiting at once: the paced slots within ``max_wait``."""
+        return max(1, int(self.max_wait // self.spacing))
+
+    @property
+    def lateness(self) -> float:
+        """How long after its slot a call may still go: half the guard."""
+        return self.guard / 2
 
 
 BUCKET_SECONDS = 0.1  # a grant is recorded at the end of its tenth of a second
 
 
 def _bucket(t: float) -> float:
-    return round(math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS, 6)
+    """The end of ``t``'s tenth of a second, never before ``t`` (float division may round down)."""
+    end = math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
+    while end < t:
+        end += BUCKET_SECONDS
+    return end
 
 
 @dataclass(slots=True)
@@ -103,8 +119,9 @@ class Ledger:
     locked_until: float = 0.0
 
     def encode(self) -> str:
-        return json.dumps({"slots": [[round(t, 6), c, n] for t, c, n in self.slots], "tat": round(self.tat, 6),
-                           "locked_until": round(self.locked_until, 6)}, separators=(",", ":"))
+        """JSON with floats as Python writes them: they read back exactly."""
+        return json.dumps({"slots": [list(s) for s in self.slots], "tat": self.tat, "locked_until": self.locked_until},
+                          separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: str | bytes | None) -> Ledger:
@@ -131,19 +148,30 @@ class Ledger:
             if t <= now - window:
                 continue
             c = c if t > now else ""
+            total += n
             if kept and kept[-1][:2] == (t, c):
                 n += kept.pop()[2]
             kept.append((t, c, n))
-            total += n
         self.slots = kept
         return total
 
-    def _drop_oldest(self) -> None:
-        t, c, n = self.slots[0]
-        if n > 1:
-            self.slots[0] = (t, c, n - 1)
-        else:
+    def _time_of(self, nth: int) -> float:
+        """The recorded time of the ``nth`` oldest grant (1-based)."""
+        seen = 0
+        for t, _, n in self.slots:
+            seen += n
+            if seen >= nth:
+                return t
+        raise ValueError(nth)
+
+    def _drop_oldest(self, count: int) -> None:
+        while count > 0:
+            t, c, n = self.slots[0]
+            if n > count:
+                self.slots[0] = (t, c, n - count)
+                return
             self.slots.pop(0)
+            count -= n
 
     def _add(self, at: float, caller: str) -> None:
         """One grant at ``at``: one more in the caller's entry for that tenth of a second."""
@@ -168,31 +196,34 @@ def plan(ledger: Ledger, *, rules: BudgetRules, now: float, caller: str) -> Verd
     """Decide one call and record its grant in ``ledger``. Pure; the stores run it atomically."""
     if ledger.locked_until > now:
         return Verdict(None, "locked", ledger.locked_until - now)
-    full = ledger._compact(now, rules.window) >= rules.limit
-    at = max(now, ledger.slots[0][0] + rules.window) if full else now
+    # grants that must leave the window first (more than one if the limit was lowered meanwhile)
+    excess = ledger._compact(now, rules.window) - rules.limit + 1
+    at = max(now, ledger._time_of(excess) + rules.window) if excess > 0 else now
     at = max(at, ledger.tat - rules.tolerance)
-    if at > now + rules.max_wait:
-        return Verdict(None, "full", at - rules.max_wait - now)
     if at > now:
         waiting: dict[str, list[float]] = {}
         for t, c, n in ledger.slots:
             if c and t > now:
                 waiting.setdefault(c, []).extend([t] * n)
-        share = max(1, math.ceil(rules.queue_places / len(waiting.keys() | {caller})))
+        # room for one more caller than those waiting: a newcomer always finds a place
+        share = max(1, math.ceil(rules.queue_places / (len(waiting.keys() | {caller}) + 1)))
         mine = waiting.get(caller, [])
         if len(mine) >= share:
             return Verdict(None, "fair_share", min(mine) - now)
-    if full:
-        ledger._drop_oldest()
+    if at > now + rules.max_wait:
+        return Verdict(None, "full", at - rules.max_wait - now)
+    if excess > 0:
+        ledger._drop_oldest(excess)
     ledger._add(at, caller if at > now else "")
     ledger.tat = max(ledger.tat, at) + rules.spacing
     return Verdict(at)
 
 
 class BudgetStore(Protocol):
-    """Where the ledgers live; each method is atomic across every process that shares the store."""
+    """Where the ledgers live; each method is atomic across every process that shares the store,
+    and ``take`` reads the clock inside that atomic section."""
 
-    async def take(self, key: str, *, rules: BudgetRules, now: float, caller: str) -> Verdict: ...
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict: ...
 
     async def lock(self, key: str, *, until: float) -> None: ...
 
@@ -220,6 +251,10 @@ class BudgetState:
     locked_for: float  # seconds left of a lockout; 0 when none
 
 
+_UNAVAILABLE = (503, "budget_unavailable", "Salesmsg's request budget cannot be checked right now; try again shortly.",
+                {"Retry-After": "5"})
+
+
 class UpstreamBudget:
     """The per-process side: ``acquire`` before each call to Salesmsg, ``locked_out`` on its 429."""
 
@@ -240,42 +275,50 @@ class UpstreamBudget:
         return f"tenant:{conn.tenant_id}"
 
     async def acquire(self, conn: ConnectionView, *, caller: str) -> None:
-        """Return when the call may go (at once, or after a short wait); otherwise raise our 429."""
+        """Return when the call may go (at once, or after a short wait); otherwise raise our 429
+        (or 503 when the store cannot be reached)."""
         if not self.enabled:
             return
         key = self.key_for(conn)
-        now = time.time()
-        if self._locked.get(key, 0.0) > now:
-            self._refuse(Verdict(None, "locked", self._locked[key] - now))
-        try:
-            verdict = await self.store.take(key, rules=self.rules, now=now, caller=caller_tag(caller))
-        except BudgetUnavailable:
-            child(BUDGET_CALLS, "refused_unavailable").inc()
-            raise Refusal(503, "budget_unavailable", "Salesmsg's request budget cannot be checked right now; try again shortly.",
-                          {"Retry-After": "5"}) from None
-        if verdict.at is None:
-            if verdict.reason == "locked":
-                self._locked[key] = now + verdict.retry_after
-            self._refuse(verdict)
-        delay = verdict.at - time.time()
-        if delay <= 0:
-            child(BUDGET_CALLS, "immediate").inc()
-            return
-        BUDGET_QUEUED.inc()
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            BUDGET_QUEUED.dec()
-        BUDGET_WAIT_SECONDS.observe(delay)
-        try:
-            locked_until = (await self.store.read(key)).locked_until  # a lockout may have begun meanwhile
-        except BudgetUnavailable:
-            locked_until = 0.0
+        tag = caller_tag(caller)
+        for _ in range(_TAKES):
+            self._refuse_if_locked(key, self._locked.get(key, 0.0))
+            try:
+                verdict = await self.store.take(key, rules=self.rules, caller=tag)
+            except BudgetUnavailable:
+                self._unavailable()
+            if verdict.at is None:
+                if verdict.reason == "locked":
+                    self._locked[key] = time.time() + verdict.retry_after
+                self._refuse(verdict)
+            delay = verdict.at - time.time()
+            if delay > 0:
+                BUDGET_QUEUED.inc()
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    BUDGET_QUEUED.dec()
+                BUDGET_WAIT_SECONDS.observe(delay)
+                try:  # a lockout may have begun while this call waited
+                    stored = (await self.store.read(key)).locked_until
+                except BudgetUnavailable:
+                    self._unavailable()
+                self._refuse_if_locked(key, max(stored, self._locked.get(key, 0.0)))
+            if time.time() - verdict.at <= self.rules.lateness:
+                child(BUDGET_CALLS, "queued" if delay > 0 else "immediate").inc()
+                return
+            child(BUDGET_CALLS, "late").inc()  # the slot went by (a slow store or a busy process): take another
+        self._refuse(Verdict(None, "full", 1.0))
+
+    def _refuse_if_locked(self, key: str, locked_until: float) -> None:
         now = time.time()
         if locked_until > now:
             self._locked[key] = locked_until
             self._refuse(Verdict(None, "locked", locked_until - now))
-        child(BUDGET_CALLS, "queued").inc()
+
+    def _unavailable(self) -> NoReturn:
+        child(BUDGET_CALLS, "refused_unavailable").inc()
+        raise Refusal(*_UNAVAILABLE) from None
 
     def _refuse(self, verdict: Verdict) -> NoReturn:
         child(BUDGET_CALLS, f"refused_{verdict.reason}").inc()
@@ -288,23 +331,26 @@ class UpstreamBudget:
                       "Salesmsg's request budget for this organization is used up for now; try again after Retry-After.",
                       {"Retry-After": retry})
 
-    async def locked_out(self, conn: ConnectionView, *, seconds: float | None = None) -> None:
-        """Salesmsg answered 429: stop every process from calling this budget for the lockout
-        (Salesmsg's 60 s; as long as ``Retry-After`` said if something in front of it sent one)."""
+    def lockout_for(self, hinted: float | None) -> float:
+        """How long a Salesmsg 429 locks the budget: Salesmsg's 60 s, or the ``Retry-After`` that
+        something in front of it sent (at least a second, at most an hour)."""
+        if hinted is None or hinted < 1:
+            return self.rules.lockout
+        return min(hinted, _MAX_LOCKOUT_SECONDS)
+
+    async def locked_out(self, conn: ConnectionView, *, seconds: float) -> None:
+        """Salesmsg answered 429: stop every process from calling this budget for ``seconds``."""
         if not self.enabled:
             return
         key = self.key_for(conn)
-        lockout = self.rules.lockout if seconds is None else min(max(seconds, 0.0), 3600.0)
-        if lockout <= 0:
-            return
-        until = time.time() + lockout
-        self._locked[key] = until
+        until = time.time() + seconds
+        self._locked[key] = max(until, self._locked.get(key, 0.0))
         BUDGET_LOCKOUTS.inc()
-        log.warning("salesmsg rate limit: budget locked", budget=key, seconds=round(lockout, 1))
+        log.warning("salesmsg rate limit: budget locked", budget=key, seconds=round(seconds, 1))
         try:
             await self.store.lock(key, until=until)
         except BudgetUnavailable:
-            log.error("budget lockout not shared: the store is unreachable", budget=key)
+            log.error("budget lockout not shared: the store is unreachable; this process holds it", budget=key)
 
     async def state(self, conn: ConnectionView) -> BudgetState | None:
         if not self.enabled:

@@ -8,7 +8,9 @@ a request's own transaction may hold SQLite's only write lock while it calls Sal
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.db import Database
 from app.core.models import BudgetLedger
@@ -25,16 +28,19 @@ from app.proxy.budget import BudgetRules, BudgetStore, BudgetUnavailable, Ledger
 
 _T = TypeVar("_T")
 _KEEP_SECONDS = 120.0  # a ledger says nothing once its last grant is this old (windows are at most 90 s)
+_WATCH_TRIES = 20  # Redis: decisions raced away by other processes before this one gives up
+Clock = Callable[[], float]
 
 
 class LocalBudgetStore:
     """In this process only: for SQLite, whose deployments are one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = time.time) -> None:
         self.ledgers: dict[str, Ledger] = {}
+        self.clock = clock
 
-    async def take(self, key: str, *, rules: BudgetRules, now: float, caller: str) -> Verdict:
-        return plan(self.ledgers.setdefault(key, Ledger()), rules=rules, now=now, caller=caller)
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
+        return plan(self.ledgers.setdefault(key, Ledger()), rules=rules, now=self.clock(), caller=caller)
 
     async def lock(self, key: str, *, until: float) -> None:
         _locking(until)(self.ledgers.setdefault(key, Ledger()))
@@ -47,32 +53,39 @@ class LocalBudgetStore:
 
 
 class PostgresBudgetStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, clock: Clock = time.time) -> None:
         self.db = db
+        self.clock = clock
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
         statement = select(BudgetLedger.ledger).where(BudgetLedger.key == key).with_for_update()
-        async with self.db.engine.begin() as conn:
-            raw = (await conn.execute(statement)).scalar()
-            if raw is None:
-                await conn.execute(insert(BudgetLedger).values(key=key, ledger=Ledger().encode()).on_conflict_do_nothing())
-                raw = (await conn.execute(statement)).scalar_one()
-            ledger = Ledger.decode(raw)
-            result, changed = change(ledger)
-            if changed:
-                await conn.execute(update(BudgetLedger).where(BudgetLedger.key == key).values(ledger=ledger.encode()))
+        try:
+            async with self.db.engine.begin() as conn:
+                raw = (await conn.execute(statement)).scalar()
+                if raw is None:
+                    await conn.execute(insert(BudgetLedger).values(key=key, ledger=Ledger().encode()).on_conflict_do_nothing())
+                    raw = (await conn.execute(statement)).scalar_one()
+                ledger = Ledger.decode(raw)
+                result, changed = change(ledger)  # the row is locked: the clock is read now
+                if changed:
+                    await conn.execute(update(BudgetLedger).where(BudgetLedger.key == key).values(ledger=ledger.encode()))
+        except (SQLAlchemyError, OSError) as exc:
+            raise BudgetUnavailable(type(exc).__name__) from exc
         return result
 
-    async def take(self, key: str, *, rules: BudgetRules, now: float, caller: str) -> Verdict:
-        return await self._update(key, _taking(rules=rules, now=now, caller=caller))
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
+        return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
 
     async def lock(self, key: str, *, until: float) -> None:
         await self._update(key, _locking(until))
 
     async def read(self, key: str) -> Ledger:
-        async with self.db.engine.connect() as conn:
-            raw = (await conn.execute(select(BudgetLedger.ledger).where(BudgetLedger.key == key))).scalar()
-            await conn.rollback()
+        try:
+            async with self.db.engine.connect() as conn:
+                raw = (await conn.execute(select(BudgetLedger.ledger).where(BudgetLedger.key == key))).scalar()
+                await conn.rollback()
+        except (SQLAlchemyError, OSError) as exc:
+            raise BudgetUnavailable(type(exc).__name__) from exc
         return Ledger.decode(raw)
 
     async def close(self) -> None:
@@ -84,8 +97,9 @@ class RedisBudgetStore:
 
     PREFIX = "smc:budget:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, clock: Clock = time.time) -> None:
         self.redis = aioredis.Redis.from_url(url.removeprefix("async+"), socket_timeout=2, socket_connect_timeout=2)
+        self.clock = clock
 
     @staticmethod
     def _ttl(ledger: Ledger) -> int:
@@ -96,7 +110,7 @@ class RedisBudgetStore:
         name = self.PREFIX + key
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                while True:
+                for _ in range(_WATCH_TRIES):
                     try:
                         await pipe.watch(name)
                         ledger = Ledger.decode(await pipe.get(name))
@@ -108,13 +122,14 @@ class RedisBudgetStore:
                         pipe.set(name, ledger.encode(), ex=self._ttl(ledger))
                         await pipe.execute()
                         return result
-                    except WatchError:
-                        continue  # another process changed the ledger in between: decide again on the new one
+                    except WatchError:  # another process changed the ledger in between: decide again on the new one
+                        await asyncio.sleep(random.uniform(0, 0.005))
         except (RedisError, OSError) as exc:
-            raise BudgetUnavailable(str(exc)) from exc
+            raise BudgetUnavailable(type(exc).__name__) from exc
+        raise BudgetUnavailable("the ledger kept changing under this process")
 
-    async def take(self, key: str, *, rules: BudgetRules, now: float, caller: str) -> Verdict:
-        return await self._update(key, _taking(rules=rules, now=now, caller=caller))
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
+        return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
 
     async def lock(self, key: str, *, until: float) -> None:
         await self._update(key, _locking(until))
@@ -123,15 +138,15 @@ class RedisBudgetStore:
         try:
             return Ledger.decode(await self.redis.get(self.PREFIX + key))
         except (RedisError, OSError) as exc:
-            raise BudgetUnavailable(str(exc)) from exc
+            raise BudgetUnavailable(type(exc).__name__) from exc
 
     async def close(self) -> None:
         await self.redis.aclose()
 
 
-def _taking(*, rules: BudgetRules, now: float, caller: str) -> Callable[[Ledger], tuple[Verdict, bool]]:
+def _taking(*, rules: BudgetRules, clock: Clock, caller: str) -> Callable[[Ledger], tuple[Verdict, bool]]:
     def change(ledger: Ledger) -> tuple[Verdict, bool]:
-        verdict = plan(ledger, rules=rules, now=now, caller=caller)
+        verdict = plan(ledger, rules=rules, now=clock(), caller=caller)
         return verdict, verdict.at is not None
 
     return change

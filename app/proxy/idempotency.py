@@ -29,7 +29,7 @@ from app.core.db import Database
 from app.core.errors import Refusal
 from app.core.logs import get_logger
 from app.core.models import IdempotencyRecord
-from app.proxy.upstream import Answer
+from app.proxy.upstream import SENDING, Answer
 from app.vault.envelope import DataKey
 
 log = get_logger(__name__)
@@ -136,16 +136,22 @@ class Idempotency:
     async def run(self, *, tenant_id: uuid.UUID, key: str, data_key: DataKey, call: Callable[[], Awaitable[Answer]]) -> Answer:
         """Having gone first (``begin`` returned None): call Salesmsg and keep the answer.
 
-        An error before anything was sent (a refused refresh, say) frees the key; a cancelled
-        call keeps it pending, since the send may have happened.
+        An error before anything was sent (a refused refresh, say) frees the key, and so does a
+        call cancelled before it started sending (waiting in the budget's queue); a call cancelled
+        later keeps it pending, since the send may have happened.
         """
+        sending = SENDING.set(False)
         try:
             answer = await call()
         except asyncio.CancelledError:
+            if not SENDING.get():  # cancelled while it waited (the budget's queue): nothing was sent
+                await asyncio.shield(self.abandon(tenant_id=tenant_id, key=key))
             raise
         except Exception:
             await self.abandon(tenant_id=tenant_id, key=key)
             raise
+        finally:
+            SENDING.reset(sending)
         if not answer.reached or answer.status == 429:
             # Never sent, or refused by Salesmsg's rate limit before it handled anything: the
             # client may retry with the same key.

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,8 @@ import aiohttp
 
 from app.connections.refresh import Refresher
 from app.connections.view import ConnectionView
-from app.core.errors import AppError, error_json
+from app.core.errors import error_json
+from app.core.logs import get_logger
 from app.core.metrics import UPSTREAM_SECONDS, UPSTREAM_STATUS, child
 from app.core.settings import Settings
 from app.kit.backoff import jittered
@@ -40,7 +42,12 @@ from app.kit.retry_after import retry_after_seconds
 from app.proxy.budget import UpstreamBudget
 from app.vault.envelope import DataKey
 
+log = get_logger(__name__)
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+# True once this task has started sending a request to Salesmsg (read by ``idempotency`` when a
+# call is cancelled: cancelled while it waited for the budget, nothing was sent)
+SENDING: ContextVar[bool] = ContextVar("smc_upstream_sending", default=False)
 REFUSED, SERVER_ERROR = "refused", "server_error"  # kinds of token trouble
 _TOKEN_MESSAGES = frozenset({"Unauthenticated", "Unauthenticated."})
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -135,6 +142,7 @@ class Upstream:
         retries = self.settings.proxy_max_retries if method in IDEMPOTENT else 0
         while True:
             await self.budget.acquire(conn, caller=caller)
+            SENDING.set(True)
             send_headers["Authorization"] = f"Bearer {token.value}"
             started = time.perf_counter()
             try:
@@ -171,8 +179,8 @@ class Upstream:
                     continue  # ... and retry once
                 try:  # a POST/PATCH answered 500: the new token is for the next call, this one is relayed
                     await self.refresher.force_refresh(conn.id, seen_version=token.version)
-                except AppError:
-                    pass  # the refresh recorded its own failure; the caller still gets Salesmsg's answer
+                except Exception:  # noqa: BLE001 - whatever failed, the send may have gone: Salesmsg's answer stands
+                    log.warning("refresh after a 500 on a write failed; the next call retries it", method=method)
             if status in RETRY_STATUSES and attempt < retries:
                 delay = retry_after_seconds(upstream_headers.get("Retry-After"))
                 if delay is None:
@@ -184,7 +192,10 @@ class Upstream:
             relayed = [(k.lower().encode(), v.encode("latin-1")) for k, v in upstream_headers.items()
                        if k.lower() in RELAY_RESPONSE_HEADERS]
             if status == 429:
-                await self.budget.locked_out(conn, seconds=retry_after_seconds(upstream_headers.get("Retry-After")))
-                if "Retry-After" not in upstream_headers:  # Salesmsg locks the org out and sends no header
-                    relayed.append((b"retry-after", str(self.settings.upstream_lockout_seconds).encode()))
+                hinted = retry_after_seconds(upstream_headers.get("Retry-After"))
+                lockout = self.budget.lockout_for(hinted)
+                await self.budget.locked_out(conn, seconds=lockout)
+                if lockout != hinted:  # Salesmsg sends no header (or something sent 0): say how long it is
+                    relayed = [h for h in relayed if h[0] != b"retry-after"]
+                    relayed.append((b"retry-after", str(math.ceil(lockout)).encode()))
             return Answer(status, relayed, payload, True)

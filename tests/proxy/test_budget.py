@@ -5,13 +5,15 @@ ledger held atomically by each store (the database, Redis) under concurrent call
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 
+from app.connections.view import ConnectionView
 from app.core.db import Database, create_engine
 from app.core.settings import Settings
-from app.proxy.budget import BudgetRules, Ledger
+from app.proxy.budget import BudgetRules, Ledger, UpstreamBudget
 from app.proxy.budget_stores import LocalBudgetStore, PostgresBudgetStore, RedisBudgetStore
 from tests.support.journeys import auth, connected_tenant, make_api_key
 
@@ -85,46 +87,106 @@ async def _view(runtime, slug: str):
 RULES = BudgetRules(limit=20, window=61.0, max_wait=5.0, lockout=60.0, burst=20)
 
 
-async def _hammer(store, key: str) -> list:
-    async def one(i: int):
-        return await store.take(key, rules=RULES, now=T0, caller=f"c{i % 4}")
+class Clock:
+    """The time a store reads inside its lock, set by the test."""
 
-    return await asyncio.gather(*(one(i) for i in range(100)))
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-async def _check_store(store) -> None:
+async def _check_store(store, clock: Clock) -> None:
     key = f"tenant:{uuid.uuid4()}"
-    verdicts = await _hammer(store, key)
+    verdicts = await asyncio.gather(*(store.take(key, rules=RULES, caller=f"c{i % 4}") for i in range(100)))
     granted = [v.at for v in verdicts if v.at is not None]
     assert len(granted) == RULES.limit  # every grant counted once, however the calls interleaved
     assert all(at == T0 for at in granted)
     ledger = await store.read(key)
     assert ledger.used(T0, RULES.window) == RULES.limit and ledger.locked_until == 0
     # near the end of the window, the next calls queue for the slots that free up, each caller its share
-    later = [await store.take(key, rules=RULES, now=T0 + 58, caller="late") for _ in range(10)]
-    assert [v.reason for v in later].count("granted") == RULES.queue_places
+    clock.now = T0 + 58
+    later = await asyncio.gather(*(store.take(key, rules=RULES, caller=c) for c in ["greedy"] * 6 + ["a", "b"]))
     assert all(v.at is None or T0 + 61 <= v.at <= T0 + 58 + RULES.max_wait for v in later)
+    assert [v.at is not None for v in later[-2:]] == [True, True]  # newcomers find a place beside the greedy caller
+    assert sum(v.at is not None for v in later[:6]) < 6 and "fair_share" in {v.reason for v in later[:6]}
     await store.lock(key, until=T0 + 120)
-    assert (await store.take(key, rules=RULES, now=T0 + 100, caller="c0")).reason == "locked"
+    clock.now = T0 + 100
+    assert (await store.take(key, rules=RULES, caller="c0")).reason == "locked"
     assert (await store.read(key)).locked_until == T0 + 120
 
 
 async def test_the_postgres_store_counts_each_grant_once_under_concurrent_callers(requires_postgres, database_url):
     db = Database(create_engine(Settings(_env_file=None, database_url=database_url)))
     try:
-        await _check_store(PostgresBudgetStore(db))
+        clock = Clock()
+        await _check_store(PostgresBudgetStore(db, clock=clock), clock)
         assert (await PostgresBudgetStore(db).read("tenant:never-used")) == Ledger()
     finally:
         await db.dispose()
 
 
 async def test_the_in_process_store_of_sqlite_deployments_keeps_the_same_ledger():
-    await _check_store(LocalBudgetStore())
+    clock = Clock()
+    await _check_store(LocalBudgetStore(clock=clock), clock)
 
 
 async def test_the_redis_store_counts_each_grant_once_under_concurrent_callers(redis_url):
-    store = RedisBudgetStore(redis_url)
+    clock = Clock()
+    store = RedisBudgetStore(redis_url, clock=clock)
     try:
-        await _check_store(store)
+        await _check_store(store, clock)
     finally:
         await store.close()
+
+
+async def test_a_call_that_would_leave_after_its_slot_takes_another(connected_settings):
+    """A slow store (or a busy process) must not send a call later than its slot allows: the
+    window's guard covers half a second; past that the call takes a new slot."""
+
+    class SlowCommit(LocalBudgetStore):
+        slow = True
+
+        async def take(self, key, *, rules, caller):
+            verdict = await super().take(key, rules=rules, caller=caller)
+            if self.slow:
+                self.slow = False
+                await asyncio.sleep(rules.lateness + 0.1)  # the answer comes back after the slot went by
+            return verdict
+
+    store = SlowCommit()
+    budget = UpstreamBudget(settings=connected_settings.model_copy(update={"upstream_budget_per_minute": 60}), store=store)
+    view = ConnectionView(id=uuid.uuid4(), tenant_id=uuid.uuid4(), kind="oauth", status="active", version=1, scopes="",
+                          access_token_ct=None, access_expires_at=None)
+    await budget.acquire(view, caller="key:slow")
+    assert (await store.read(budget.key_for(view))).used(time.time(), budget.rules.window) == 2  # the missed slot counts
+
+
+async def test_a_send_cancelled_while_it_waits_for_the_budget_frees_its_idempotency_key(runtime, browser, upstream):
+    from app.proxy.idempotency import fingerprint
+    from app.vault import tenant_keys
+
+    tenant = await connected_tenant(runtime, browser, "queued-send")
+    async with runtime.db.session() as session:
+        key = await tenant_keys.load_data_key(session, runtime.data_keys, tenant.id)
+    waiting = asyncio.Event()
+
+    async def waits_in_the_queue():  # what Upstream.call does while the budget holds it: nothing sent yet
+        waiting.set()
+        await asyncio.Event().wait()
+
+    fp = fingerprint("POST", "conversations/1/send", b"", b"{}")
+    first = asyncio.create_task(runtime.idempotency.once(tenant_id=tenant.id, key="k1", fp=fp, data_key=key,
+                                                        call=waits_in_the_queue))
+    await waiting.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    async def sends():
+        from app.proxy.upstream import Answer
+        return Answer(201, [], b'{"id": 1}', True)
+
+    answer, replayed = await runtime.idempotency.once(tenant_id=tenant.id, key="k1", fp=fp, data_key=key, call=sends)
+    assert answer.status == 201 and not replayed  # the key was free: the retry sent, it did not wait for a 409
