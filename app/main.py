@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api import routes as api_routes
 from app.api.health import router as health_router
+from app.core import tracing
 from app.core.errors import _unexpected, install_error_handlers
 from app.core.http_server import LIMITS_STATE_KEY, HeadLimits
 from app.core.logs import configure_logging, get_logger
@@ -29,9 +30,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     """Build the ASGI app. Refuses production settings that carry an example secret."""
     settings = settings or Settings()
     settings.check_secure()
+    traced = tracing.start(settings)  # once per process, when an OTLP endpoint is configured
     if configure_logs:
         json_logs = settings.log_format == "json" or (settings.log_format == "auto" and settings.is_production)
-        configure_logging(level=settings.log_level, json_output=json_logs)
+        configure_logging(level=settings.log_level, json_output=json_logs, trace_ids=traced)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, object]]:
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             yield {"runtime": runtime, LIMITS_STATE_KEY: HeadLimits.of(settings)}
         finally:
             await runtime.stop()
+            tracing.flush()
             log.info("stopped")
 
     app = FastAPI(
@@ -58,6 +61,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
+        # FastAPI's own telemetry would record raw paths and query values: traces are ours (ServerSpans)
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False, "auto_configure": False},
     )
     app.state.settings = settings
     app.state.templates = create_templates(settings)
@@ -77,6 +82,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         authorize_origin=f"{authorize.scheme}://{authorize.netloc}",
         on_error=_unexpected,
     )
+    tracer_provider = tracing.provider()
+    if tracer_provider is not None:  # outermost, so the proxy our middleware dispatches is traced too
+        app.add_middleware(tracing.ServerSpans, tracer_provider=tracer_provider)
     return app
 
 

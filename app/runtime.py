@@ -10,6 +10,7 @@ import aiohttp
 from app.audit.writer import AuditWriter
 from app.connections.refresh import Refresher
 from app.connections.webhooks import WebhookSender
+from app.core import tracing
 from app.core.db import Database, create_engine
 from app.core.migrate import head_revision
 from app.core.settings import Settings
@@ -40,6 +41,7 @@ def create_http_session(settings: Settings) -> aiohttp.ClientSession:
         # Cookies from Salesmsg must not leak from one tenant's call into another's.
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": "salesmsg-connect"},
+        trace_configs=tracing.client_trace_configs() or None,  # a client span per attempt when tracing is on
     )
 
 
@@ -63,6 +65,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
         db = Database(create_engine(settings))
+        tracing.trace_engine(db.engine)  # nothing when tracing is off
         http = create_http_session(settings)
         keyring = Keyring(settings.keyring_entries)
         data_keys = DataKeyCache(keyring)
@@ -76,7 +79,7 @@ class Runtime:
                                   wait_seconds=settings.salesmsg_timeout_seconds + 5)
         proxy = Proxy(
             settings=settings, grants=GrantLookup(db), upstream=upstream, idempotency=idempotency, data_keys=data_keys,
-            audit_writer=audit_writer, usage=usage, rate_limits=rate_limits,
+            audit_writer=audit_writer, usage=usage, rate_limits=rate_limits, traced=tracing.active(),
         )
         runtime = cls(
             settings=settings,

@@ -106,11 +106,14 @@ def worker() -> None:
     import asyncio
     import signal
 
+    from app.core import tracing
     from app.core.logs import configure_logging
     from app.runtime import Runtime
 
     settings = load_settings()
-    configure_logging(level=settings.log_level, json_output=settings.log_format == "json" or (settings.log_format == "auto" and settings.is_production))
+    traced = tracing.start(settings)  # the refresh sweep's spans, when an OTLP endpoint is configured
+    configure_logging(level=settings.log_level, json_output=settings.log_format == "json" or (settings.log_format == "auto" and settings.is_production),
+                      trace_ids=traced)
 
     async def main() -> None:
         runtime = await Runtime.start(settings)
@@ -123,6 +126,7 @@ def worker() -> None:
             await stop.wait()
         finally:
             await runtime.stop()
+            tracing.flush()
 
     asyncio.run(main())
 

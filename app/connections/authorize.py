@@ -5,6 +5,9 @@ ten minutes, bound to the browser session and the tenant, holding the requested 
 PKCE verifier sealed under the tenant's data key. PHI scopes are checked against the database's
 current BAA state (``policy``) at the consent submission and again at the callback, before the
 exchange.
+
+With tracing on (``app.core.tracing``), the callback is a ``salesmsg.connect`` span holding the
+tenant and ``smc.connect.outcome`` (connected, reconnected, or the refusal's error code).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from app.audit.audit_log import Actor
 from app.connections import policy, scopes, token_client, transitions
 from app.connections.token_client import TokenEndpointError
 from app.connections.view import OAUTH
+from app.core import tracing
 from app.core.errors import (
     BAA_REQUIRED_MESSAGE,
     AppError,
@@ -137,11 +141,34 @@ async def complete_authorization(
     request_id: str | None = None,
 ) -> CallbackResult:
     """Handle the redirect back from Salesmsg: consume the state once, exchange, store, audit."""
+    with tracing.span("salesmsg.connect"):
+        try:
+            result = await _complete_authorization(session, settings=settings, http=http, data_keys=data_keys,
+                                                   web_session=web_session, params=params, actor=actor, request_id=request_id)
+        except AppError as exc:
+            tracing.annotate({tracing.CONNECT_OUTCOME: exc.code})
+            raise
+        tracing.annotate({tracing.CONNECT_OUTCOME: "reconnected" if result.reconnected else "connected"})
+        return result
+
+
+async def _complete_authorization(
+    session: AsyncSession,
+    *,
+    settings: Settings,
+    http: aiohttp.ClientSession,
+    data_keys: DataKeyCache,
+    web_session: WebSession | None,
+    params: Mapping[str, str],
+    actor: Actor,
+    request_id: str | None,
+) -> CallbackResult:
     row, verifier_ct = await _consume_state(session, web_session, params.get("state"))
     requested = row.scopes.split()
     # The state is spent whatever happens next: commit that before anything can fail.
     await session.commit()
     tenant = await get_tenant(session, row.tenant_id)
+    tracing.annotate({tracing.TENANT_ID: str(tenant.id)})
 
     async def refuse(error: AppError, reason: str) -> AppError:
         await audit_log.record(

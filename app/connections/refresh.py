@@ -17,6 +17,10 @@ Failures: ``invalid_grant``/401 means the grant is dead: ``needs_reauth`` at onc
 5xx, 429 and network errors are transient: the old token is used while it is valid, the
 connection cools down with jittered exponential backoff, and only after
 ``SMC_REFRESH_MAX_FAILURES`` in a row does it become ``needs_reauth``.
+
+With tracing on (``app.core.tracing``), each refresh this process runs is a ``salesmsg.refresh``
+span holding the tenant and ``smc.refresh.outcome``: success, transient, dead, not_needed (fresh,
+or refreshed elsewhere meanwhile), cooling_down, lease_busy, superseded, unusable or error.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from app.connections import token_client, transitions
 from app.connections.store import open_access_token, open_refresh_token, read_view
 from app.connections.token_client import TokenEndpointError, TokenResponse
 from app.connections.view import ACTIVE, NEEDS_REAUTH, PAT, ConnectionView
+from app.core import tracing
 from app.core.db import Database
 from app.core.errors import (
     AppError,
@@ -58,6 +63,11 @@ log = get_logger(__name__)
 _POLL_SECONDS = 0.05
 _STORE_RETRY_SECONDS = 10.0  # how long a refresh answer waits for the database to come back
 _PAT_LIFETIME = 3600  # a refreshed PAT whose answer names no lifetime is refreshed within the hour
+
+
+def _outcome(value: str, view: ConnectionView | None = None) -> None:
+    """The refresh span's outcome (and tenant); nothing when tracing is off."""
+    tracing.annotate({tracing.REFRESH_OUTCOME: value, tracing.TENANT_ID: str(view.tenant_id) if view is not None else None})
 
 
 class ConnectionNeedsReauth(Conflict):
@@ -139,10 +149,22 @@ class Refresher:
         return await self._start(connection_id, self._refresh(connection_id, seen_version=seen_version, force=force))
 
     async def _start(self, connection_id: uuid.UUID, work: Coroutine[Any, Any, AccessToken]) -> AccessToken:
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(self._traced(connection_id, work))
         self._inflight[connection_id] = task
         task.add_done_callback(lambda _t: self._inflight.pop(connection_id, None))
         return await asyncio.shield(task)
+
+    @staticmethod
+    async def _traced(connection_id: uuid.UUID, work: Coroutine[Any, Any, AccessToken]) -> AccessToken:
+        """One refresh, as the span ``salesmsg.refresh``; the steps below name its outcome."""
+        with tracing.span("salesmsg.refresh", {"smc.connection_id": str(connection_id)}):
+            try:
+                return await work
+            except AppError:
+                raise  # refused on purpose: the outcome is set
+            except Exception:
+                _outcome("error")
+                raise
 
     async def _refresh(self, connection_id: uuid.UUID, *, seen_version: int, force: bool) -> AccessToken:
         deadline = time.monotonic() + self.lease.total_seconds() + self.call_timeout
@@ -152,10 +174,13 @@ class Refresher:
                 return await self._refresh_holding_lease(view, seen_version=seen_version, force=force)
             current = await read_view(self.db, connection_id)
             if current is None or current.status != ACTIVE or current.access_token_ct is None:
+                _outcome("unusable", current)
                 raise _unusable(current)
             if current.version != seen_version and self.fresh_enough(current.access_expires_at):
+                _outcome("not_needed", current)  # another process refreshed it
                 return await self._token_of(current)
             if time.monotonic() > deadline:
+                _outcome("lease_busy", current)
                 return await self._fallback(current)
             await asyncio.sleep(_POLL_SECONDS * (0.5 + random.random()))
 
@@ -164,14 +189,17 @@ class Refresher:
         now = datetime.now(UTC)
         already_done = view.version != seen_version and (force or self.fresh_enough(view.access_expires_at, now))
         if already_done or (not force and self.fresh_enough(view.access_expires_at, now)):
+            _outcome("not_needed", view)
             await self.release(view.id)
             return await self._token_of(view)
         if not force and view.next_refresh_at is not None and view.next_refresh_at > now:
+            _outcome("cooling_down", view)
             await self.release(view.id)  # cooling down after transient failures
             return await self._fallback(view)
         key = await self._key(view)
         refresh_token = open_refresh_token(view, key)
         if view.kind != PAT and refresh_token is None:
+            _outcome("dead", view)
             await self._dead(view, "no_refresh_token")
             raise ConnectionNeedsReauth()
         started = time.perf_counter()
@@ -187,12 +215,15 @@ class Refresher:
             REFRESH_SECONDS.observe(time.perf_counter() - started)
             if exc.transient or exc.kind == "invalid":
                 REFRESHES.labels("transient").inc()
+                _outcome("transient", view)
                 return await self._transient(view, exc)
             REFRESHES.labels("dead").inc()
+            _outcome("dead", view)
             await self._dead(view, exc.reason)
             raise ConnectionNeedsReauth() from exc
         REFRESH_SECONDS.observe(time.perf_counter() - started)
         REFRESHES.labels("success").inc()
+        _outcome("success", view)
         return await self._store(view, key, answer, refresh_token, lease_ends=lease_ends)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -245,6 +276,7 @@ class Refresher:
         )
         if not stored:
             log.warning("refresh result discarded: connection changed meanwhile", connection_id=str(view.id))
+            _outcome("superseded", view)
             current = await read_view(self.db, view.id)
             if current is None or current.status != ACTIVE:
                 raise NotConnected()
@@ -267,6 +299,7 @@ class Refresher:
                                                     cooldown=cooldown, give_up=give_up)
         log.warning("refresh failed", connection_id=str(view.id), reason=exc.reason, failures=failures)
         if give_up:
+            _outcome("dead", view)
             raise ConnectionNeedsReauth()
         return await self._fallback(now_view)
 

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
 
     metrics_enabled: bool = True
+    # OpenTelemetry traces over OTLP/HTTP (``app.core.tracing``): the collector's base URL, as in
+    # OTEL_EXPORTER_OTLP_ENDPOINT (traces go to /v1/traces); the standard OTEL_* variables work too.
+    otel_exporter_otlp_endpoint: str | None = None
 
     # the HTTP server (``salesmsg-connect serve``)
     max_header_bytes: int = Field(default=64 * 1024, ge=4 * 1024, le=1024 * 1024)
@@ -150,6 +153,16 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
+
+    @field_validator("otel_exporter_otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        return value.strip()
 
     @field_validator("database_url")
     @classmethod

@@ -31,6 +31,7 @@ from app.core.input_rules import check_host, check_json, check_url, is_json
 from app.core.logs import get_logger
 from app.core.metrics import PROXY_DENIALS, REQUEST_SECONDS, REQUESTS, child
 from app.core.settings import Settings
+from app.core.tracing import ENDPOINT, TENANT_ID, UPSTREAM_STATUS, annotate
 from app.identity import api_keys
 from app.identity.key_usage import UsageRecorder
 from app.kit.tokens import hash_matches
@@ -106,8 +107,10 @@ class Proxy:
         audit_writer: AuditWriter,
         usage: UsageRecorder,
         rate_limits: RateLimits,
+        traced: bool = False,
     ) -> None:
         self.settings = settings
+        self.traced = traced  # tracing is on (app.core.tracing): the server span gets our attributes
         self.grants = grants
         self.upstream = upstream
         self.data_keys = data_keys
@@ -130,6 +133,8 @@ class Proxy:
             status, body = exc.status_code, error_json(exc.code, exc.message)
             headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
             self._audit(context, method, request_id, status, started, decision=exc.code)
+        if self.traced:  # before the answer: the server span ends with it
+            self._annotate(context)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         child(REQUESTS, ROUTE, method, str(status)).inc()
@@ -195,7 +200,9 @@ class Proxy:
         forwarded = {name: value for name, value in headers.items() if name in FORWARD_REQUEST_HEADERS}
 
         async def forward() -> Answer:
-            return await self._forward(conn, key, method, path, query, body, forwarded, request_id, f"key:{grant.key_id}")
+            answer = await self._forward(conn, key, method, path, query, body, forwarded, request_id, f"key:{grant.key_id}")
+            context["upstream_status"] = answer.upstream_status
+            return answer
 
         idem_key = headers.get("idempotency-key")
         decision = "allowed"
@@ -251,6 +258,17 @@ class Proxy:
         Authorization, Cookie, Host, X-Forwarded-*, hop-by-hop and every other header stay here."""
         return await self.upstream.call(conn, key, method=method, path=path, query=query, body=body, headers=headers,
                                         request_id=request_id, caller=caller)
+
+    @staticmethod
+    def _annotate(context: dict[str, Any]) -> None:
+        """The tenant, the upstream template and Salesmsg's status (when it answered) on the server span."""
+        endpoint: Endpoint | None = context.get("endpoint")
+        grant: Grant | None = context.get("grant")
+        annotate({
+            TENANT_ID: str(grant.tenant_id) if grant is not None and grant.tenant_id is not None else None,
+            ENDPOINT: endpoint.template if endpoint is not None else None,
+            UPSTREAM_STATUS: context.get("upstream_status"),
+        })
 
     def _audit(self, context: dict[str, Any], method: str, request_id: str, status: int, started: float, *, decision: str) -> None:
         """Every call that touches a PHI scope, allowed or denied: never a body, never query values."""

@@ -62,6 +62,7 @@ class Answer:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     reached: bool  # False when Salesmsg never got the request (connection refused)
+    upstream_status: int | None = None  # Salesmsg's own status; None when the answer is ours (a timeout) or replayed
 
     @property
     def content_type(self) -> str | None:
@@ -198,4 +199,4 @@ class Upstream:
                 if lockout != hinted:  # Salesmsg sends no header (or something sent 0): say how long it is
                     relayed = [h for h in relayed if h[0] != b"retry-after"]
                     relayed.append((b"retry-after", str(math.ceil(lockout)).encode()))
-            return Answer(status, relayed, payload, True)
+            return Answer(status, relayed, payload, True, status)
