@@ -1,34 +1,35 @@
 """Where the budget ledgers live (``app.proxy.budget``): PostgreSQL, or Redis when configured.
 
 Each runs the same ``plan`` on the ledger atomically: PostgreSQL locks the budget's row for the
-read and the write; Redis watches the key and decides again if another process changed it in
-between. On SQLite (the embedded demo, one process by design) the ledgers live in the process:
+read and the write; Redis takes the budget's lock (redis-py's, released by a script only by its
+holder, lapsing if the holder dies). On SQLite (the embedded demo, one process by design) the ledgers live in the process:
 a request's own transaction may hold SQLite's only write lock while it calls Salesmsg.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.db import Database
+from app.core.logs import get_logger
 from app.core.models import BudgetLedger
 from app.core.settings import Settings
 from app.proxy.budget import BudgetRules, BudgetStore, BudgetUnavailable, Ledger, Verdict, plan
 
+log = get_logger(__name__)
 _T = TypeVar("_T")
 _KEEP_SECONDS = 120.0  # a ledger says nothing once its last grant is this old (windows are at most 90 s)
-_WATCH_TRIES = 20  # Redis: decisions raced away by other processes before this one gives up
+_LOCK_SECONDS = 5.0  # Redis: a ledger's lock lapses this long after a holder died with it
+_LOCK_WAIT_SECONDS = 3.0  # ... and a caller waits this long for it before it says the budget is unavailable
 Clock = Callable[[], float]
 
 
@@ -107,26 +108,18 @@ class RedisBudgetStore:
         return max(1, math.ceil(max(last + _KEEP_SECONDS, ledger.tat, ledger.locked_until) - time.time()))
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
+        """Read, decide and write under the budget's Redis lock: a stampede of callers queues on
+        the lock instead of racing (optimistic WATCH retries collapse under a hundred at once)."""
         name = self.PREFIX + key
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for _ in range(_WATCH_TRIES):
-                    try:
-                        await pipe.watch(name)
-                        ledger = Ledger.decode(await pipe.get(name))
-                        result, changed = change(ledger)
-                        if not changed:
-                            await pipe.unwatch()
-                            return result
-                        pipe.multi()
-                        pipe.set(name, ledger.encode(), ex=self._ttl(ledger))
-                        await pipe.execute()
-                        return result
-                    except WatchError:  # another process changed the ledger in between: decide again on the new one
-                        await asyncio.sleep(random.uniform(0, 0.005))
-        except (RedisError, OSError) as exc:
+            async with self.redis.lock(name + ":lock", timeout=_LOCK_SECONDS, sleep=0.002, blocking_timeout=_LOCK_WAIT_SECONDS):
+                ledger = Ledger.decode(await self.redis.get(name))
+                result, changed = change(ledger)  # the ledger is locked: the clock is read now
+                if changed:
+                    await self.redis.set(name, ledger.encode(), ex=self._ttl(ledger))
+                return result
+        except (RedisError, OSError) as exc:  # LockError too: nobody let go of the ledger in time
             raise BudgetUnavailable(type(exc).__name__) from exc
-        raise BudgetUnavailable("the ledger kept changing under this process")
 
     async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
         return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
@@ -160,7 +153,64 @@ def _locking(until: float) -> Callable[[Ledger], tuple[None, bool]]:
     return change
 
 
+class FallbackBudgetStore:
+    """Redis first; while it cannot be reached, the database (still shared by every process).
+
+    Chosen over failing closed: the budget's purpose is to keep Salesmsg answering, and the
+    database holds it exactly too. Redis is tried again ``retry_seconds`` after it failed (each
+    call would otherwise wait for its timeouts). The two ledgers do not know each other's grants,
+    so the minute after a switch may spend up to one budget more; a 429 from Salesmsg then locks
+    the org out as always."""
+
+    def __init__(self, primary: BudgetStore, fallback: BudgetStore, *, retry_seconds: float = 5.0) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.retry_seconds = retry_seconds
+        self.down_until = 0.0
+
+    def _store(self) -> BudgetStore:
+        return self.primary if time.monotonic() >= self.down_until else self.fallback
+
+    def _failed(self, exc: BudgetUnavailable) -> None:
+        if time.monotonic() >= self.down_until:
+            log.warning("redis unreachable: budgets are kept in the database until it answers", error=str(exc))
+        self.down_until = time.monotonic() + self.retry_seconds
+
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
+        store = self._store()
+        if store is self.primary:
+            try:
+                return await store.take(key, rules=rules, caller=caller)
+            except BudgetUnavailable as exc:
+                self._failed(exc)
+        return await self.fallback.take(key, rules=rules, caller=caller)
+
+    async def lock(self, key: str, *, until: float) -> None:
+        for store in (self.primary, self.fallback):  # both: whichever is asked next must know
+            try:
+                await store.lock(key, until=until)
+            except BudgetUnavailable as exc:
+                if store is self.primary:
+                    self._failed(exc)
+                else:
+                    raise
+
+    async def read(self, key: str) -> Ledger:
+        store = self._store()
+        if store is self.primary:
+            try:
+                return await store.read(key)
+            except BudgetUnavailable as exc:
+                self._failed(exc)
+        return await self.fallback.read(key)
+
+    async def close(self) -> None:
+        await self.primary.close()
+        await self.fallback.close()
+
+
 def budget_store(settings: Settings, db: Database) -> BudgetStore:
+    local: BudgetStore = PostgresBudgetStore(db) if db.is_postgres else LocalBudgetStore()
     if settings.redis_url:
-        return RedisBudgetStore(settings.redis_url)
-    return PostgresBudgetStore(db) if db.is_postgres else LocalBudgetStore()
+        return FallbackBudgetStore(RedisBudgetStore(settings.redis_url), local)
+    return local

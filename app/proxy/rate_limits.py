@@ -3,8 +3,9 @@
 In one process by default: GCRA (the generic cell rate algorithm), one float per key or tenant,
 no lock and no await, so the proxy's hot path pays a dictionary lookup for it. ``N/minute``
 allows a burst of N and then one call every minute/N. Shared by every process through Redis
-with the ``limits`` library (moving window) when ``SMC_REDIS_URL`` is set. A refused call gets
-429 with ``Retry-After`` in whole seconds.
+with the ``limits`` library (moving window) when ``SMC_REDIS_URL`` is set; while Redis cannot be
+reached, each process falls back to its own limits (logged) and tries Redis again after 5 s. A
+refused call gets 429 with ``Retry-After`` in whole seconds.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from collections.abc import Hashable
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
 
+from app.core.logs import get_logger
 from app.core.settings import Settings
 
+log = get_logger(__name__)
+
 _SLACK = 1e-6  # seconds
+REDIS_RETRY_SECONDS = 5.0
 
 
 class CellRate:
@@ -58,6 +64,7 @@ class RateLimits:
 
     def __init__(self, settings: Settings) -> None:
         self.redis: MovingWindowRateLimiter | None = None
+        self.redis_down_until = 0.0
         if settings.redis_url:
             url = settings.redis_url
             storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
@@ -67,8 +74,15 @@ class RateLimits:
 
     async def check(self, *, key_id: Hashable, tenant_id: Hashable) -> int | None:
         """None when the call may go; otherwise the seconds to wait."""
-        if self.redis is not None:
-            return await self._check_shared(key_id=key_id, tenant_id=tenant_id)
+        if self.redis is not None and time.monotonic() >= self.redis_down_until:
+            try:
+                return await self._check_shared(key_id=key_id, tenant_id=tenant_id)
+            except (RedisError, OSError) as exc:
+                # Redis is away: limits in this process (each process allows the full limit) rather
+                # than refusing every call; Redis is tried again in a few seconds
+                if time.monotonic() >= self.redis_down_until:
+                    log.warning("redis unreachable: rate limits are per process until it answers", error=type(exc).__name__)
+                self.redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
         now = time.monotonic()
         wait = self.per_key.allow(key_id, now)
         if wait is None:

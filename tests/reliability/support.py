@@ -128,18 +128,19 @@ async def first_conversation(client: httpx.AsyncClient, key: str, slug: str) -> 
 
 def serve_env(settings: Settings, *, database_url: str | None = None, api_base: str | None = None, **extra: str) -> dict[str, str]:
     """The environment of a `serve` process wired to this test's database and emulator."""
-    return clean_env(
-        SMC_DATABASE_URL=database_url or settings.database_url,
-        SMC_SALESMSG_API_BASE=api_base or settings.salesmsg_api_base,
-        SMC_SALESMSG_AUTHORIZE_URL=settings.salesmsg_authorize_url,
-        SMC_SALESMSG_CLIENT_ID=CLIENT_ID,
-        SMC_SALESMSG_CLIENT_SECRET=CLIENT_SECRET,
-        SMC_PUBLIC_URL=settings.public_url,
-        SMC_LOG_FORMAT="json",
-        SMC_RATE_LIMIT_PER_KEY="1000000/minute",
-        SMC_RATE_LIMIT_PER_TENANT="1000000/minute",
-        **{"SMC_UPSTREAM_BUDGET_PER_MINUTE": "1000000", **extra},
-    )
+    return clean_env(**{
+        "SMC_DATABASE_URL": database_url or settings.database_url,
+        "SMC_SALESMSG_API_BASE": api_base or settings.salesmsg_api_base,
+        "SMC_SALESMSG_AUTHORIZE_URL": settings.salesmsg_authorize_url,
+        "SMC_SALESMSG_CLIENT_ID": CLIENT_ID,
+        "SMC_SALESMSG_CLIENT_SECRET": CLIENT_SECRET,
+        "SMC_PUBLIC_URL": settings.public_url,
+        "SMC_LOG_FORMAT": "json",
+        "SMC_RATE_LIMIT_PER_KEY": "1000000/minute",
+        "SMC_RATE_LIMIT_PER_TENANT": "1000000/minute",
+        "SMC_UPSTREAM_BUDGET_PER_MINUTE": "1000000",
+        **extra,  # any of the above, overridden
+    })
 
 
 @dataclass
