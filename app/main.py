@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             yield {"runtime": runtime, LIMITS_STATE_KEY: HeadLimits.of(settings)}
         finally:
             await runtime.stop()
-            tracing.flush()
+            await tracing.flush_soon()
             log.info("stopped")
 
     app = FastAPI(

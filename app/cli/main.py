@@ -126,7 +126,7 @@ def worker() -> None:
             await stop.wait()
         finally:
             await runtime.stop()
-            tracing.flush()
+            await tracing.flush_soon()
 
     asyncio.run(main())
 

@@ -152,6 +152,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "log_config": None,
         "access_log": False,
         "server_header": False,
-        "proxy_headers": False,
+        # behind a load balancer, the client's address (per-IP sign-in limits, logs) comes from
+        # X-Forwarded-For, trusted only from the balancer's addresses
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or None,
         "timeout_graceful_shutdown": 10,
     }

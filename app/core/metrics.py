@@ -35,6 +35,10 @@ BUDGET_WAIT_SECONDS = Histogram(
 )
 BUDGET_QUEUED = Gauge("smc_upstream_budget_queued", "Calls waiting for a slot in Salesmsg's budget now",
                       multiprocess_mode="livesum")
+REDIS_FALLBACK = Gauge(
+    "smc_redis_fallback", "1 while Redis is unreachable and a use of it falls back (rate_limits: per process; budgets: the database)",
+    ["use"], multiprocess_mode="max",
+)
 BUDGET_LOCKOUTS = Counter("smc_upstream_budget_lockouts_total", "Salesmsg 429s that locked a budget for its lockout")
 WEBHOOKS = Counter("smc_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
 

@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=64 * 1024, ge=4 * 1024, le=1024 * 1024)
     max_headers: int = Field(default=100, ge=20, le=1000)
     keepalive_seconds: int = Field(default=75, ge=1, le=3600)
+    # addresses of the load balancers whose X-Forwarded-For / -Proto are believed (comma-separated,
+    # CIDR allowed, "*" for any: only where nothing else can reach the app); empty: none
+    forwarded_allow_ips: str = ""
 
     @field_validator("public_url", "salesmsg_api_base", "salesmsg_authorize_url")
     @classmethod

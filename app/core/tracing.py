@@ -32,6 +32,7 @@ statuses, the refresh and connect outcomes, SQL statement text. What it may neve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,9 +57,11 @@ from opentelemetry.trace import Span, Status
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.logs import redact_text
+from app.core.logs import get_logger, redact_text
 from app.core.middleware import _is_proxy
 from app.core.settings import Settings
+
+log = get_logger(__name__)
 
 SERVICE = "salesmsg-connect"
 PROXY_ROUTE = "/api/v1/tenants/{tenant}/proxy/{path}"  # app.proxy.handler.ROUTE
@@ -115,7 +118,8 @@ def start(settings: Settings) -> bool:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     endpoint = settings.otel_exporter_otlp_endpoint
-    exporter = OTLPSpanExporter(endpoint=traces_url(endpoint)) if endpoint else OTLPSpanExporter()
+    # a short export timeout: a collector that is away must not hold up a shutdown (see ``flush``)
+    exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=3) if endpoint else OTLPSpanExporter(timeout=3)
     _install(BatchSpanProcessor(Scrubber(exporter)))
     return True
 
@@ -140,6 +144,17 @@ def stop() -> None:
 def flush() -> None:
     if _state.provider is not None:
         _state.provider.force_flush(timeout_millis=5000)
+
+
+async def flush_soon(seconds: float = 5.0) -> None:
+    """``flush`` off the event loop, given up after ``seconds``: the SDK's flush does not keep to its
+    own timeout while a collector is unreachable, and a stop must not wait past the orchestrator's grace."""
+    if _state.provider is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.to_thread(flush), seconds)
+    except TimeoutError:
+        log.warning("traces not all exported at shutdown: the collector did not answer in time")
 
 
 def active() -> bool:
@@ -302,8 +317,13 @@ PHONE = re.compile(
 MASKED = "[redacted]"
 
 
+# a database error's DETAIL (asyncpg: "Key (email)=(...)", "Failing row contains (...)") and what follows
+_DETAIL = re.compile(r"\s*DETAIL:.*", re.DOTALL)
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
 def _scrub_text(value: str) -> str:
-    return PHONE.sub(MASKED, redact_text(value))
+    return EMAIL.sub(MASKED, PHONE.sub(MASKED, redact_text(_DETAIL.sub(" DETAIL: [redacted]", value))))
 
 
 def _strip_query(value: str) -> str:

@@ -236,6 +236,10 @@ class BudgetUnavailable(Exception):
     """The store could not be reached: the call is refused (fail closed), never sent unbudgeted."""
 
 
+class BudgetBusy(BudgetUnavailable):
+    """The store answers, but the ledger stayed locked by others too long: refused, not an outage."""
+
+
 def caller_tag(caller: str) -> str:
     """A short stable tag for a caller (an API key, a dashboard user) as the ledger stores it."""
     return hashlib.blake2b(caller.encode(), digest_size=6).hexdigest()

@@ -8,22 +8,25 @@ a request's own transaction may hold SQLite's only write lock while it calls Sal
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError, WatchError
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.db import Database
 from app.core.logs import get_logger
+from app.core.metrics import REDIS_FALLBACK, child
 from app.core.models import BudgetLedger
 from app.core.settings import Settings
-from app.proxy.budget import BudgetRules, BudgetStore, BudgetUnavailable, Ledger, Verdict, plan
+from app.proxy.budget import BudgetBusy, BudgetRules, BudgetStore, BudgetUnavailable, Ledger, Verdict, plan
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -53,10 +56,54 @@ class LocalBudgetStore:
         self.ledgers.clear()
 
 
-class PostgresBudgetStore:
-    def __init__(self, db: Database, *, clock: Clock = time.time) -> None:
-        self.db = db
+class _KeyedLocks:
+    """One asyncio lock per budget key while someone holds or awaits it (then forgotten)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class _SharedLedgers:
+    """``take`` and ``lock`` as one atomic read-decide-write each (``_update``, per store). Calls of
+    one process for one budget queue on a lock of the process first, so a stampede costs the store
+    one waiter per process (not a pooled connection or a Redis lock poll per call)."""
+
+    clock: Clock
+
+    def __init__(self, *, clock: Clock) -> None:
         self.clock = clock
+        self._keyed = _KeyedLocks()
+
+    async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
+        raise NotImplementedError
+
+    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
+        async with self._keyed.hold(key):
+            return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
+
+    async def lock(self, key: str, *, until: float) -> None:
+        async with self._keyed.hold(key):
+            await self._update(key, _locking(until))
+
+
+class PostgresBudgetStore(_SharedLedgers):
+    def __init__(self, db: Database, *, clock: Clock = time.time) -> None:
+        super().__init__(clock=clock)
+        self.db = db
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
         statement = select(BudgetLedger.ledger).where(BudgetLedger.key == key).with_for_update()
@@ -74,12 +121,6 @@ class PostgresBudgetStore:
             raise BudgetUnavailable(type(exc).__name__) from exc
         return result
 
-    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
-        return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
-
-    async def lock(self, key: str, *, until: float) -> None:
-        await self._update(key, _locking(until))
-
     async def read(self, key: str) -> Ledger:
         try:
             async with self.db.engine.connect() as conn:
@@ -93,14 +134,14 @@ class PostgresBudgetStore:
         return None
 
 
-class RedisBudgetStore:
+class RedisBudgetStore(_SharedLedgers):
     """One Redis string per budget (the ledger's JSON), expiring once it says nothing."""
 
     PREFIX = "smc:budget:"
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
+        super().__init__(clock=clock)
         self.redis = aioredis.Redis.from_url(url.removeprefix("async+"), socket_timeout=2, socket_connect_timeout=2)
-        self.clock = clock
 
     @staticmethod
     def _ttl(ledger: Ledger) -> int:
@@ -109,23 +150,35 @@ class RedisBudgetStore:
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
         """Read, decide and write under the budget's Redis lock: a stampede of callers queues on
-        the lock instead of racing (optimistic WATCH retries collapse under a hundred at once)."""
+        the lock instead of racing (optimistic WATCH retries collapse under a hundred at once).
+        The write is also WATCHed, so a holder whose lock lapsed (a pause past ``_LOCK_SECONDS``)
+        cannot overwrite a newer ledger: its call is refused instead."""
         name = self.PREFIX + key
+        lock = self.redis.lock(name + ":lock", timeout=_LOCK_SECONDS, sleep=0.01, blocking_timeout=_LOCK_WAIT_SECONDS)
         try:
-            async with self.redis.lock(name + ":lock", timeout=_LOCK_SECONDS, sleep=0.002, blocking_timeout=_LOCK_WAIT_SECONDS):
-                ledger = Ledger.decode(await self.redis.get(name))
-                result, changed = change(ledger)  # the ledger is locked: the clock is read now
-                if changed:
-                    await self.redis.set(name, ledger.encode(), ex=self._ttl(ledger))
+            if not await lock.acquire():
+                raise BudgetBusy("the ledger stayed locked")
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(name)
+                    ledger = Ledger.decode(await pipe.get(name))
+                    result, changed = change(ledger)  # the ledger is locked: the clock is read now
+                    if changed:
+                        pipe.multi()
+                        pipe.set(name, ledger.encode(), ex=self._ttl(ledger))
+                        await pipe.execute()
                 return result
-        except (RedisError, OSError) as exc:  # LockError too: nobody let go of the ledger in time
+            except WatchError:
+                raise BudgetBusy("the ledger changed under a lapsed lock") from None
+            finally:
+                try:
+                    await lock.release()
+                except LockError:
+                    pass  # it lapsed: the WATCH above kept the write safe
+        except BudgetBusy:
+            raise
+        except (RedisError, OSError) as exc:
             raise BudgetUnavailable(type(exc).__name__) from exc
-
-    async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
-        return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
-
-    async def lock(self, key: str, *, until: float) -> None:
-        await self._update(key, _locking(until))
 
     async def read(self, key: str) -> Ledger:
         try:
@@ -160,46 +213,68 @@ class FallbackBudgetStore:
     database holds it exactly too. Redis is tried again ``retry_seconds`` after it failed (each
     call would otherwise wait for its timeouts). The two ledgers do not know each other's grants,
     so the minute after a switch may spend up to one budget more; a 429 from Salesmsg then locks
-    the org out as always."""
+    the org out as always. A lockout written only to the database while Redis was away is written
+    to Redis as well when it answers again. A busy ledger (``BudgetBusy``) is no outage: that call
+    is refused and Redis stays in use."""
 
     def __init__(self, primary: BudgetStore, fallback: BudgetStore, *, retry_seconds: float = 5.0) -> None:
         self.primary = primary
         self.fallback = fallback
         self.retry_seconds = retry_seconds
-        self.down_until = 0.0
+        self.down_until = 0.0  # 0: Redis in use
+        self.unshared: dict[str, float] = {}  # lockouts only the database holds
 
-    def _store(self) -> BudgetStore:
-        return self.primary if time.monotonic() >= self.down_until else self.fallback
+    async def _primary(self) -> bool:
+        """Whether to ask Redis now; when it is back, first hand it the lockouts it missed."""
+        if not self.down_until and not self.unshared:
+            return True
+        if time.monotonic() < self.down_until:
+            return False
+        try:
+            for key, until in list(self.unshared.items()):
+                if until > time.time():
+                    await self.primary.lock(key, until=until)
+                del self.unshared[key]
+        except BudgetBusy:
+            return True
+        except BudgetUnavailable as exc:
+            self._failed(exc)
+            return False
+        if self.down_until:
+            log.warning("redis answers again: budgets are kept there again")
+            child(REDIS_FALLBACK, "budgets").set(0)
+            self.down_until = 0.0
+        return True
 
     def _failed(self, exc: BudgetUnavailable) -> None:
-        if time.monotonic() >= self.down_until:
+        if not self.down_until:
             log.warning("redis unreachable: budgets are kept in the database until it answers", error=str(exc))
+            child(REDIS_FALLBACK, "budgets").set(1)
         self.down_until = time.monotonic() + self.retry_seconds
 
     async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
-        store = self._store()
-        if store is self.primary:
+        if await self._primary():
             try:
-                return await store.take(key, rules=rules, caller=caller)
+                return await self.primary.take(key, rules=rules, caller=caller)
+            except BudgetBusy:
+                raise
             except BudgetUnavailable as exc:
                 self._failed(exc)
         return await self.fallback.take(key, rules=rules, caller=caller)
 
     async def lock(self, key: str, *, until: float) -> None:
-        for store in (self.primary, self.fallback):  # both: whichever is asked next must know
-            try:
-                await store.lock(key, until=until)
-            except BudgetUnavailable as exc:
-                if store is self.primary:
-                    self._failed(exc)
-                else:
-                    raise
+        await self.fallback.lock(key, until=until)  # both: whichever is asked next must know
+        try:
+            await self.primary.lock(key, until=until)
+        except BudgetUnavailable as exc:
+            self.unshared[key] = max(until, self.unshared.get(key, 0.0))
+            if not isinstance(exc, BudgetBusy):
+                self._failed(exc)
 
     async def read(self, key: str) -> Ledger:
-        store = self._store()
-        if store is self.primary:
+        if await self._primary():
             try:
-                return await store.read(key)
+                return await self.primary.read(key)
             except BudgetUnavailable as exc:
                 self._failed(exc)
         return await self.fallback.read(key)

@@ -20,6 +20,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from redis.exceptions import RedisError
 
 from app.core.logs import get_logger
+from app.core.metrics import REDIS_FALLBACK, child
 from app.core.settings import Settings
 
 log = get_logger(__name__)
@@ -67,7 +68,9 @@ class RateLimits:
         self.redis_down_until = 0.0
         if settings.redis_url:
             url = settings.redis_url
-            storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy")
+            # timeouts: a Redis that stops answering must fail fast, for the fallback to take over
+            storage = RedisStorage(url if url.startswith("async+") else f"async+{url}", implementation="redispy",
+                                   socket_timeout=1, socket_connect_timeout=1)
             self.redis = MovingWindowRateLimiter(storage)
         self.per_key = CellRate(parse(settings.rate_limit_per_key))
         self.per_tenant = CellRate(parse(settings.rate_limit_per_tenant))
@@ -76,13 +79,20 @@ class RateLimits:
         """None when the call may go; otherwise the seconds to wait."""
         if self.redis is not None and time.monotonic() >= self.redis_down_until:
             try:
-                return await self._check_shared(key_id=key_id, tenant_id=tenant_id)
+                shared = await self._check_shared(key_id=key_id, tenant_id=tenant_id)
             except (RedisError, OSError) as exc:
                 # Redis is away: limits in this process (each process allows the full limit) rather
                 # than refusing every call; Redis is tried again in a few seconds
-                if time.monotonic() >= self.redis_down_until:
+                if not self.redis_down_until:
                     log.warning("redis unreachable: rate limits are per process until it answers", error=type(exc).__name__)
+                    child(REDIS_FALLBACK, "rate_limits").set(1)
                 self.redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
+            else:
+                if self.redis_down_until:
+                    log.warning("redis answers again: rate limits are shared again")
+                    child(REDIS_FALLBACK, "rate_limits").set(0)
+                    self.redis_down_until = 0.0
+                return shared
         now = time.monotonic()
         wait = self.per_key.allow(key_id, now)
         if wait is None:

@@ -187,6 +187,8 @@ async def test_a_replica_killed_under_load_loses_no_accepted_send_and_sends_none
         fleet.kill(1)  # SIGKILL, mid-request
         killed_at = sum(map(len, outcomes.values()))
         await _until(lambda: sum(map(len, outcomes.values())) >= killed_at + 30)
+        after_kill = [s for statuses in outcomes.values() for s in statuses][killed_at:]
+        assert sum(200 <= s < 300 for s in after_kill) >= 20  # nginx routes around the dead replica
         fleet.restart(1)
         restarted_log = len(fleet.members[1].log())
         served_a_send = re.compile(r'"path": "[^"]*/send".*"status": 201|"status": 201.*"path": "[^"]*/send"')
@@ -202,6 +204,8 @@ async def test_a_replica_killed_under_load_loses_no_accepted_send_and_sends_none
     assert accepted and all(bodies[text] == 1 for text in accepted)  # no accepted send lost
     assert all(count == 1 for count in bodies.values())  # none sent twice
     assert set(bodies) <= set(outcomes)
+    refused = {text for text in unknown if outcomes[text] and 400 <= outcomes[text][-1] < 500 and outcomes[text][-1] != 409}
+    assert not refused & set(bodies)  # a send refused for good was not sent
 
 
 async def _whole_thread(fleet: Fleet, key: str, conversation: int) -> list[dict]:

@@ -289,6 +289,15 @@ def test_the_backstop_scrubs_what_an_instrumentation_might_let_through():
     assert "rt_Zk3" not in message and "555" not in message and "[redacted]" in message
     assert "rt_Zk3" not in (out.status.description or "")
     assert scrubber.scrubbed == 1
+    # a database error as SQLAlchemy's instrumentation records it: the statement's values are in DETAIL
+    with tracer.start_as_current_span("INSERT") as span:
+        span.set_status(Status(StatusCode.ERROR, 'duplicate key value violates unique constraint "uq_users_email"\n'
+                                                 "DETAIL:  Key (email)=(dana@corner-bakery.example) already exists."))
+    described = memory.get_finished_spans()[-1].status.description or ""
+    assert "uq_users_email" in described and "dana" not in described and "corner-bakery" not in described
+    with tracer.start_as_current_span("GET") as span:
+        span.record_exception(ValueError("no user dana@corner-bakery.example"))
+    assert "dana@" not in str(dict(memory.get_finished_spans()[-1].events[0].attributes or {})["exception.message"])
     provider.shutdown()
 
 

@@ -56,9 +56,11 @@ class PrivateRedis:
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[PrivateRedis]:
     server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -83,11 +85,28 @@ async def test_with_redis_stopped_limits_fall_back_to_the_process_and_budgets_to
     # budget in the database; the limit still holds
     assert [a.status_code for a in alone] == [200] * 5 + [429] * 2, [a.text for a in alone]
     assert {a.json()["error"]["code"] for a in alone[5:]} == {"rate_limited"}
-    assert runtime.rate_limits.redis_down_until > time.monotonic()
+    assert runtime.rate_limits.redis_down_until > 0
+    budgets = runtime.upstream.budget.store
+    assert budgets.down_until > 0
+    view = await _view(runtime, "outage")
+    # the five calls that went while Redis was away are in the database's ledger
+    assert (await budgets.fallback.read(runtime.upstream.budget.key_for(view))).used(time.time(), 61.0) == 5
 
     private_redis.start()  # back, empty: once its retry time has come, Redis holds the limits and budgets again
+    fresh = await make_api_key(runtime, tenants=["outage"], name="after")  # the process's own count refuses `key`
     deadline = time.monotonic() + 30
-    while not private_redis.keys():
-        assert time.monotonic() < deadline, "Redis was not used again"
-        await client_for.get(url, headers=auth(key))
+    while not any(k.startswith(b"smc:budget:") for k in private_redis.keys()):
+        assert time.monotonic() < deadline, "the budget did not return to Redis"
+        await client_for.get(url, headers=auth(fresh))
         await asyncio.sleep(0.25)
+    assert budgets.down_until == 0 and runtime.rate_limits.redis_down_until == 0
+
+
+async def _view(runtime, slug: str):
+    from app.connections.store import get_connection
+    from app.connections.view import ConnectionView
+    from app.tenants import registry
+
+    async with runtime.db.session() as session:
+        tenant = await registry.get_tenant(session, slug)
+        return ConnectionView.of(await get_connection(session, tenant.id))

@@ -27,14 +27,16 @@ WORKER_COMMAND = ("worker",)
 SHARED_ENV = ("SMC_DATABASE_URL", "SMC_REDIS_URL", "SMC_MASTER_KEYS", "SMC_SESSION_SECRET", "SMC_SALESMSG_CLIENT_ID",
               "SMC_SALESMSG_CLIENT_SECRET", "SMC_SALESMSG_API_BASE", "SMC_PUBLIC_URL")
 # the balancer's proxy rules (deploy/nginx/salesmsg-connect.conf holds the same): HTTP/1.1 keep-alive
-# to the replicas, a replica that refuses or resets a connection is skipped for a few seconds, and
-# only a request that never reached a replica is tried on the next one (nginx never resends a POST)
+# to the replicas, a replica that refuses or resets a connection is skipped for a few seconds, a
+# request that failed on its way to a replica is tried on the next one (never a POST: nginx does not
+# resend one), and a slow answer is never resent (it could spend Salesmsg's budget twice)
 NGINX_PROXY = (
     "proxy_http_version 1.1;",
     'proxy_set_header Connection "";',
     "proxy_set_header Host $http_host;",
     "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-    "proxy_next_upstream error timeout;",
+    "proxy_set_header X-Forwarded-Proto $scheme;",
+    "proxy_next_upstream error;",
     "proxy_connect_timeout 2s;",
     "proxy_read_timeout 60s;",
     "client_max_body_size 11m;",
@@ -88,20 +90,29 @@ class Member:
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
+    def _signal_group(self, sig: signal.Signals) -> None:
+        """The whole group, even when its leader is gone (its worker processes may not be)."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
         """SIGKILL the whole group: the replica and its worker processes die at once, mid-request."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            self.kill()
+            pass
+        self.kill()  # whatever of the group is left
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
