@@ -55,22 +55,13 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: EmulatorConfig) -> Settings:
-        return cls(
-            auto_approve=config.auto_approve,
-            rate_limit_per_minute=config.rate_limit_per_minute,
-            html_errors=config.html_errors,
-            access_token_ttl=config.access_token_ttl,
-            pat_ttl=config.pat_ttl,
-            code_ttl=config.code_ttl,
-            sent_delay=config.message_status_delays.sent,
-            delivered_delay=config.message_status_delays.delivered,
-            rate_limit_scope=config.rate_limit_scope,
-            rate_limit_lockout_extends=config.rate_limit_lockout_extends,
-            invalid_token_answer=config.invalid_token_answer,
-            dead_token_answer=config.dead_token_answer,
-            contacts_list_scope=config.contacts_list_scope,
-            automated_messages_user=config.automated_messages_user,
-        )
+        """Each setting from the config's option of the same name; the message delays from their group."""
+        values: dict[str, Any] = {"sent_delay": config.message_status_delays.sent,
+                                  "delivered_delay": config.message_status_delays.delivered}
+        for f in fields(cls):
+            if f.name not in values:
+                values[f.name] = getattr(config, f.name)
+        return cls(**values)
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` after checking names and types; raises ValueError."""

@@ -129,6 +129,11 @@ async def _consume_state(
     return row, verifier_ct
 
 
+def _connect_outcome(result: CallbackResult) -> str:
+    return "reconnected" if result.reconnected else "connected"
+
+
+@tracing.traced("salesmsg.connect", tracing.CONNECT_OUTCOME, _connect_outcome)
 async def complete_authorization(
     session: AsyncSession,
     *,
@@ -141,28 +146,6 @@ async def complete_authorization(
     request_id: str | None = None,
 ) -> CallbackResult:
     """Handle the redirect back from Salesmsg: consume the state once, exchange, store, audit."""
-    with tracing.span("salesmsg.connect"):
-        try:
-            result = await _complete_authorization(session, settings=settings, http=http, data_keys=data_keys,
-                                                   web_session=web_session, params=params, actor=actor, request_id=request_id)
-        except AppError as exc:
-            tracing.annotate({tracing.CONNECT_OUTCOME: exc.code})
-            raise
-        tracing.annotate({tracing.CONNECT_OUTCOME: "reconnected" if result.reconnected else "connected"})
-        return result
-
-
-async def _complete_authorization(
-    session: AsyncSession,
-    *,
-    settings: Settings,
-    http: aiohttp.ClientSession,
-    data_keys: DataKeyCache,
-    web_session: WebSession | None,
-    params: Mapping[str, str],
-    actor: Actor,
-    request_id: str | None,
-) -> CallbackResult:
     row, verifier_ct = await _consume_state(session, web_session, params.get("state"))
     requested = row.scopes.split()
     # The state is spent whatever happens next: commit that before anything can fail.

@@ -33,11 +33,12 @@ statuses, the refresh and connect outcomes, SQL statement text. What it may neve
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -62,6 +63,8 @@ from app.core.middleware import _is_proxy
 from app.core.settings import Settings
 
 log = get_logger(__name__)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SERVICE = "salesmsg-connect"
 PROXY_ROUTE = "/api/v1/tenants/{tenant}/proxy/{path}"  # app.proxy.handler.ROUTE
@@ -191,6 +194,27 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Spa
         return
     with tracer.start_as_current_span(name, attributes=attributes) as current:
         yield current
+
+
+def traced(name: str, outcome: str, outcome_of: Callable[[_R], str]) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]:
+    """Run a coroutine function as the span ``name``, its ``outcome`` attribute what
+    ``outcome_of(result)`` says, or a refusal's ``code`` (else the exception's type)."""
+
+    def wrap(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+        @functools.wraps(function)
+        async def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with span(name):
+                try:
+                    result = await function(*args, **kwargs)
+                except Exception as exc:
+                    annotate({outcome: getattr(exc, "code", None) or type(exc).__name__})
+                    raise
+                annotate({outcome: outcome_of(result)})
+                return result
+
+        return run
+
+    return wrap
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:

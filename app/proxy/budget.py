@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -240,6 +241,7 @@ class BudgetBusy(BudgetUnavailable):
     """The store answers, but the ledger stayed locked by others too long: refused, not an outage."""
 
 
+@functools.lru_cache(maxsize=8192)
 def caller_tag(caller: str) -> str:
     """A short stable tag for a caller (an API key, a dashboard user) as the ledger stores it."""
     return hashlib.blake2b(caller.encode(), digest_size=6).hexdigest()

@@ -60,12 +60,12 @@ class Inbox:
             )
 
     async def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes = b"",
-                    idempotency_key: str | None = None) -> Any:
+                    idempotency_key: str | None = None, access: TenantAccess | None = None) -> Any:
         endpoint = resolve(method, path)
         if endpoint is None:  # pragma: no cover - our own paths are all mapped
             raise NotFound("Unknown Salesmsg endpoint.", code="unknown_endpoint")
         target = f"{method} {endpoint.template}"
-        access = await self.access()
+        access = access or await self.access()
         try:
             policy.decide(access, endpoint.scope)
         except Refusal as refusal:
@@ -127,15 +127,22 @@ class Inbox:
 
     async def contacts(self, *, search: str, page: int) -> tuple[list[dict[str, Any]], int | None]:
         """A page of contacts from ``POST /contacts/list`` (JSON body). Public v2.3 clients tag that
-        endpoint ``contacts:write``; a grant Salesmsg refuses it for (403 ``insufficient_scope``)
-        is served by the deprecated ``GET /contacts``, which needs only ``contacts:read``."""
+        endpoint ``contacts:write``, so a grant without it is listed by the deprecated
+        ``GET /contacts`` (``contacts:read``) at once, not after a refused call that spends
+        Salesmsg's budget; a listing Salesmsg refuses anyway (403 ``insufficient_scope``) falls
+        back the same way."""
         fields = {"page": page, "length": PAGE_SIZE, **({"search": search} if search else {})}
-        try:
-            data = await self._call("POST", "contacts/list", body=json.dumps(fields, separators=(",", ":")).encode())
-        except InboxError as exc:
-            if exc.code != "upstream_scope_refused":
-                raise
-            data = await self._call("GET", "contacts", params=fields)
+        access = await self.access()
+        if access.connection is None or "contacts:write" not in scopes.parse(access.connection.scopes):
+            data = await self._call("GET", "contacts", params=fields, access=access)
+        else:
+            try:
+                data = await self._call("POST", "contacts/list", body=json.dumps(fields, separators=(",", ":")).encode(),
+                                        access=access)
+            except InboxError as exc:
+                if exc.code != "upstream_scope_refused":
+                    raise
+                data = await self._call("GET", "contacts", params=fields, access=access)
         rows = data.get("data") if isinstance(data, dict) else data
         meta = data.get("meta") if isinstance(data, dict) else None
         last = meta.get("last_page") if isinstance(meta, dict) and isinstance(meta.get("last_page"), int) else None

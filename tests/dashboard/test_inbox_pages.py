@@ -177,10 +177,20 @@ async def test_contacts_page_pages(runtime, browser, bakery, upstream):
 
 async def test_contacts_page_works_for_a_grant_salesmsg_refuses_the_listing_for(runtime, browser, upstream):
     """Public v2.3 clients tag POST /contacts/list contacts:write: a contacts:read grant is listed
-    through GET /contacts instead."""
+    through GET /contacts at once, without a refused call spending Salesmsg's budget."""
     upstream.controls.update_settings(contacts_list_scope="contacts:write")
     await connected_tenant(runtime, browser, "corner-bakery", scopes=["contacts:read", "conversations:read", "users:read"])
     upstream.controls.reset_counters()
+    page = await browser.get("/t/corner-bakery/contacts")
+    assert page.status_code == 200 and 'id="problem-banner"' not in page.text
+    assert len(CONTACT_NAME.findall(page.text)) == 12
+    assert upstream.controls.counter("api.POST /contacts/list") == 0 and upstream.controls.counter("api.GET /contacts.200") == 1
+
+
+async def test_a_listing_salesmsg_refuses_for_scope_falls_back_to_the_deprecated_endpoint(runtime, browser, bakery, upstream):
+    upstream.controls.reset_counters()
+    upstream.controls.fail_next(1, status=403, path_prefix="/pub/v2.2/contacts/list",
+                                body={"error": "insufficient_scope", "message": "The access token does not have the required scope."})
     page = await browser.get("/t/corner-bakery/contacts")
     assert page.status_code == 200 and 'id="problem-banner"' not in page.text
     assert len(CONTACT_NAME.findall(page.text)) == 12

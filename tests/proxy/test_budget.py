@@ -190,3 +190,22 @@ async def test_a_send_cancelled_while_it_waits_for_the_budget_frees_its_idempote
 
     answer, replayed = await runtime.idempotency.once(tenant_id=tenant.id, key="k1", fp=fp, data_key=key, call=sends)
     assert answer.status == 201 and not replayed  # the key was free: the retry sent, it did not wait for a 409
+
+
+async def test_a_budget_store_that_cannot_be_reached_refuses_the_call_and_sends_nothing(connected_settings):
+    """Fail closed: no call goes to Salesmsg unbudgeted (503 budget_unavailable, Retry-After)."""
+    from app.core.errors import Refusal
+    from app.proxy.budget import BudgetUnavailable
+
+    class Unreachable(LocalBudgetStore):
+        async def take(self, key, *, rules, caller):
+            raise BudgetUnavailable("ConnectionRefusedError")
+
+    budget = UpstreamBudget(settings=connected_settings.model_copy(update={"upstream_budget_per_minute": 60}),
+                            store=Unreachable())
+    view = ConnectionView(id=uuid.uuid4(), tenant_id=uuid.uuid4(), kind="oauth", status="active", version=1, scopes="",
+                          access_token_ct=None, access_expires_at=None)
+    with pytest.raises(Refusal) as refused:
+        await budget.acquire(view, caller="key:any")
+    assert refused.value.status_code == 503 and refused.value.code == "budget_unavailable"
+    assert refused.value.headers["Retry-After"] == "5"
