@@ -20,7 +20,7 @@ from app.core.middleware import RequestContextMiddleware
 from app.core.paths import STATIC_DIR
 from app.core.settings import Settings
 from app.runtime import Runtime
-from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
+from app.web import ROUTERS as WEB_ROUTERS
 from app.web.templating import create_templates
 
 log = get_logger(__name__)
@@ -69,10 +69,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(api_routes.router)
-    app.include_router(auth_pages.router)
-    app.include_router(connect_pages.router)
-    app.include_router(operator_pages.router)
-    app.include_router(inbox_pages.router)
+    for router in WEB_ROUTERS:
+        app.include_router(router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     authorize = urlsplit(settings.salesmsg_authorize_url)

@@ -130,12 +130,48 @@ class User(Base):
     created_at: Mapped[datetime] = _created()
     last_login_at: Mapped[datetime | None]
     disabled_at: Mapped[datetime | None]
+    disabled_by: Mapped[str | None] = mapped_column(String(320))
+    password_changed_at: Mapped[datetime | None]
+    # TOTP: the secret sealed with AES-GCM (AAD: the user id); the last accepted time step, so a
+    # code is accepted once (no replay within its window).
+    mfa_secret_ct: Mapped[bytes | None] = mapped_column(LargeBinary)
+    mfa_enabled_at: Mapped[datetime | None]
+    mfa_last_step: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class RecoveryCode(Base):
+    """One MFA recovery code: shown once at enrolment, stored hashed, spent once."""
+
+    __tablename__ = "mfa_recovery_codes"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created()
+    used_at: Mapped[datetime | None]
+
+
+class PasswordReset(Base):
+    """An operator-issued password reset link: shown once, stored hashed, single use, short expiry."""
+
+    __tablename__ = "password_resets"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_by: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
 
 
 class WebSession(Base):
     """A browser session. The cookie holds a random token; the row is keyed by its SHA-256.
 
-    A signed-in session has a user; a connect-link session has only a tenant.
+    A signed-in session has a user; a connect-link session has only a tenant (and the link, which
+    is spent when the connection completes). ``stage`` is ``full`` once signed in, ``mfa`` while
+    the password was right and the second factor is still due (the user is not signed in yet).
     """
 
     __tablename__ = "web_sessions"
@@ -147,6 +183,8 @@ class WebSession(Base):
     link_tenant_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE")
     )
+    link_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("connect_links.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created()
     last_seen_at: Mapped[datetime] = _created()
@@ -160,27 +198,38 @@ class LoginAttempt(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     email: Mapped[str] = mapped_column(String(320))
     ip: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="password", server_default="password")
     succeeded: Mapped[bool] = mapped_column(Boolean, default=False)
     at: Mapped[datetime] = _created()
 
 
 class Invitation(Base):
-    """An org admin invitation: single use, expiring; the token is shown once and stored hashed."""
+    """An invitation (an org admin of a tenant, or an operator): single use, expiring, revocable;
+    the token is shown once and stored hashed. Opening it spends nothing; accepting it does."""
 
     __tablename__ = "invitations"
+    __table_args__ = (
+        CheckConstraint("role in ('operator', 'org_admin')", name="role"),
+        CheckConstraint("role = 'operator' or tenant_id is not null", name="org_admin_tenant"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(20), default="org_admin", server_default="org_admin")
     email: Mapped[str] = mapped_column(String(320))
     created_by: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = _created()
     expires_at: Mapped[datetime]
     accepted_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(320))
 
 
 class ConnectLink(Base):
-    """A link that lets a tenant's admin connect without an account: single use, expiring."""
+    """A link that lets a tenant's admin connect without an account: expiring, revocable, spent
+    (``used_at``) when a connection made through it completes, not when it is opened (mail
+    scanners and link previews open links before people do)."""
 
     __tablename__ = "connect_links"
 
@@ -191,6 +240,10 @@ class ConnectLink(Base):
     created_at: Mapped[datetime] = _created()
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
+    first_opened_at: Mapped[datetime | None]
+    open_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(320))
 
 
 class OAuthState(Base):
@@ -242,6 +295,8 @@ class Connection(Base):
     last_error: Mapped[str | None] = mapped_column(String(200))
     salesmsg_user: Mapped[str | None] = mapped_column(String(200))
     salesmsg_org: Mapped[str | None] = mapped_column(String(200))
+    salesmsg_user_id: Mapped[str | None] = mapped_column(String(64))
+    salesmsg_org_id: Mapped[str | None] = mapped_column(String(64), index=True)
     connected_at: Mapped[datetime | None]
     connected_by: Mapped[str | None] = mapped_column(String(320))
     disconnected_at: Mapped[datetime | None]

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     login_attempts_per_15_minutes: int = Field(default=10, ge=1)
     connect_link_hours: int = Field(default=72, ge=1)
     invitation_hours: int = Field(default=72, ge=1)
+    password_reset_minutes: int = Field(default=30, ge=5, le=24 * 60)
+    # TOTP for every operator: always in production, and wherever this is true.
+    require_mfa: bool = False
+    mfa_attempts_per_15_minutes: int = Field(default=5, ge=1)
 
     refresh_margin_seconds: int = Field(default=300, ge=0)
     refresh_lease_seconds: int = Field(default=60, ge=5)
@@ -194,6 +198,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.env is Env.production
+
+    @property
+    def mfa_required_for_operators(self) -> bool:
+        return self.require_mfa or self.is_production
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,4 +1,4 @@
-"""Sign-in, sign-out and accepting an invitation."""
+"""Sign-in and sign-out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
 from app.core.errors import AppError
-from app.deps import RequestIdDep, RuntimeDep, SessionDep
+from app.deps import RuntimeDep, SessionDep
 from app.identity import people, sessions
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, safe_next
 
@@ -66,39 +66,4 @@ async def logout(session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) ->
     await sessions.end(session, viewer.token)
     response = redirect("/login")
     sessions.clear_session_cookie(response, runtime.settings)
-    return response
-
-
-@router.get("/invite/{token}")
-async def invitation_page(request: Request, token: str, session: SessionDep, viewer: ViewerDep) -> Response:
-    invitation = await people.open_invitation(session, token)
-    return render(request, viewer, "invite.html", email=invitation.email, token=token)
-
-
-@router.post("/invite/{token}")
-async def accept_invitation(
-    request: Request,
-    token: str,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    viewer: ViewerDep,
-    request_id: RequestIdDep,
-    name: Annotated[str, Form(max_length=200)] = "",
-    password: Annotated[str, Form(max_length=1024)] = "",
-    confirm: Annotated[str, Form(max_length=1024)] = "",
-) -> Response:
-    invitation = await people.open_invitation(session, token)
-    if password != confirm:
-        return render(request, viewer, "invite.html", status_code=422, email=invitation.email, token=token,
-                      error="The two passwords differ.", name=name)
-    try:
-        user = await people.accept_invitation(session, token=token, password=password, name=name, request_id=request_id)
-    except AppError as exc:
-        if exc.status_code != 422:
-            raise
-        return render(request, viewer, "invite.html", status_code=422, email=invitation.email, token=token,
-                      error=exc.message, name=name)
-    session_token, _ = await sessions.start(session, runtime.settings, user=user, replaces=viewer.token)
-    response = redirect("/org")
-    sessions.set_session_cookie(response, runtime.settings, session_token)
     return response

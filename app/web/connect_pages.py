@@ -1,4 +1,4 @@
-"""Connecting an org: connect links, the scope-consent screen, the OAuth callback, PATs, disconnect."""
+"""Connecting an org: the scope-consent screen, the OAuth callback, PATs, disconnect."""
 
 from __future__ import annotations
 
@@ -7,27 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
-from app.connections import authorize, links, pat, policy, scopes, store, transitions
+from app.connections import authorize, pat, policy, scopes, store, transitions
 from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.identity import sessions
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, tenant_for
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
-
-
-@router.get("/connect/{token}")
-async def open_connect_link(
-    token: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
-) -> Response:
-    """Spend the link once and turn it into a browser session bound to its tenant."""
-    tenant = await links.redeem_connect_link(session, token, request_id=request_id)
-    if viewer.signed_in and viewer.can_manage(tenant):
-        return redirect(f"/t/{tenant.slug}/connect")
-    session_token, _ = await sessions.start(session, runtime.settings, link_tenant_id=tenant.id, replaces=viewer.token)
-    response = redirect(f"/t/{tenant.slug}/connect")
-    sessions.set_session_cookie(response, runtime.settings, session_token)
-    return response
 
 
 def _consent_context(tenant, runtime, selected: list[str] | None = None) -> dict:

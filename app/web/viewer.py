@@ -160,3 +160,9 @@ def require_operator(viewer: Viewer) -> None:
     require_user(viewer)
     if not viewer.is_operator:
         raise Forbidden("Only operators can do this.", code="operator_only")
+
+
+async def operator_tenant(session, viewer: Viewer, slug: str) -> Tenant:
+    """The tenant named in the URL, for an operator-only action."""
+    require_operator(viewer)
+    return await tenant_for(session, viewer, slug)

@@ -203,6 +203,30 @@ async def focus_ring(locator: Locator) -> str:
     }""")
 
 
+AXE_SOURCE = ROOT / "tests" / "browser" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+_AXE_RUN = """async () => {
+  const result = await axe.run(document, {resultTypes: ["violations"]});
+  return result.violations.filter((v) => v.impact === "serious" || v.impact === "critical").map((v) =>
+    v.id + " (" + v.impact + "): " + v.help + " -> " + v.nodes.slice(0, 4).map((n) => n.target.join(" ")).join(" | "));
+}"""
+
+
+async def accessibility_violations(page: Page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now (WCAG 2.x A and AA rules
+    and axe's best practices). The script goes in through the DevTools protocol, so the page's CSP
+    does not apply to it and no page needs to allow it."""
+    if not AXE_SOURCE.exists():
+        raise AssertionError(f"{AXE_SOURCE} is missing: run ./scripts/ensure-chromium.sh (make test does)")
+    if not await page.evaluate("() => typeof window.axe === 'object'"):
+        await page.evaluate(AXE_SOURCE.read_text())
+    return await page.evaluate(_AXE_RUN)
+
+
+async def assert_accessible(page: Page) -> None:
+    violations = await accessibility_violations(page)
+    assert violations == [], f"axe-core on {page.url}: {violations}"
+
+
 # ---- screenshots --------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from starlette.routing import Route
 
 from app.core.models import Base, User
-from app.web import auth_pages, connect_pages, inbox_pages, operator_pages
+from app.web import ROUTERS as WEB_ROUTERS
 from tests.support.journeys import (
     PASSWORD,
     Browser,
@@ -31,7 +31,7 @@ async def table_counts(runtime) -> dict[str, int]:
 
 def state_changing_form_routes() -> list[str]:
     paths = []
-    for router in (auth_pages.router, connect_pages.router, operator_pages.router, inbox_pages.router):
+    for router in WEB_ROUTERS:
         for route in router.routes:
             if isinstance(route, Route) and "POST" in (route.methods or ()):
                 paths.append(route.path)

@@ -1,30 +1,28 @@
-"""Operator pages: tenants, a tenant's connection, BAA, HIPAA flag, connect links, invitations."""
+"""Operator and org admin pages: the tenant list, a tenant's page (connection, BAA, HIPAA flag)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from app.audit import audit_log
-from app.connections import events, links, policy, scopes, store
+from app.connections import events, policy, scopes, store
 from app.connections.view import DISCONNECTED, ConnectionView
 from app.core.errors import AppError, ValidationFailed
 from app.core.models import AuditEntry, Tenant
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
-from app.identity import api_keys, people
+from app.identity import api_keys
 from app.tenants import baa, registry
 from app.web.viewer import (
     ViewerDep,
     csrf_protect,
+    operator_tenant,
     redirect,
     render,
     require_operator,
     require_user,
-    safe_next,
     tenant_for,
 )
 
@@ -96,7 +94,7 @@ async def create_tenant(
     return redirect(f"/t/{tenant.slug}?notice=created")
 
 
-async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict[str, Any]:
+async def tenant_context(session, runtime, tenant: Tenant, viewer) -> dict[str, Any]:
     conn = await store.get_connection(session, tenant.id)
     granted = scopes.parse(conn.scopes) if conn else []
     context: dict[str, Any] = {
@@ -121,13 +119,8 @@ async def _tenant_context(session, runtime, tenant: Tenant, viewer) -> dict[str,
 @router.get("/t/{slug}")
 async def tenant_page(request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
     tenant = await tenant_for(session, viewer, slug)
-    context = await _tenant_context(session, runtime, tenant, viewer)
+    context = await tenant_context(session, runtime, tenant, viewer)
     return render(request, viewer, "tenant.html", notice=NOTICES.get(request.query_params.get("notice", "")), **context)
-
-
-async def _operator_tenant(session, viewer, slug: str) -> Tenant:
-    require_operator(viewer)
-    return await tenant_for(session, viewer, slug)
 
 
 @router.post("/t/{slug}/baa")
@@ -142,14 +135,14 @@ async def sign_baa(
     note: Annotated[str, Form(max_length=2000)] = "",
     confirm: Annotated[str, Form(max_length=10)] = "",
 ) -> Response:
-    tenant = await _operator_tenant(session, viewer, slug)
+    tenant = await operator_tenant(session, viewer, slug)
     try:
         if confirm != "yes":
             raise ValidationFailed("Tick the box to confirm the BAA is signed.", code="confirmation_required")
         await baa.sign(session, tenant, reference=reference, note=note, signed_by=viewer.label,
                        actor=viewer.actor(), request_id=request_id)
     except AppError as exc:
-        context = await _tenant_context(session, runtime, tenant, viewer)
+        context = await tenant_context(session, runtime, tenant, viewer)
         return render(request, viewer, "tenant.html", status_code=exc.status_code, baa_error=exc.message, **context)
     return redirect(f"/t/{tenant.slug}?notice=baa_signed")
 
@@ -165,13 +158,13 @@ async def revoke_baa(
     reason: Annotated[str, Form(max_length=500)] = "",
     confirm: Annotated[str, Form(max_length=10)] = "",
 ) -> Response:
-    tenant = await _operator_tenant(session, viewer, slug)
+    tenant = await operator_tenant(session, viewer, slug)
     try:
         if confirm != "yes":
             raise ValidationFailed("Tick the box to confirm revoking the BAA.", code="confirmation_required")
         await baa.revoke(session, tenant, reason=reason, actor=viewer.actor(), request_id=request_id)
     except AppError as exc:
-        context = await _tenant_context(session, runtime, tenant, viewer)
+        context = await tenant_context(session, runtime, tenant, viewer)
         return render(request, viewer, "tenant.html", status_code=exc.status_code, baa_error=exc.message, **context)
     return redirect(f"/t/{tenant.slug}?notice=baa_revoked")
 
@@ -184,126 +177,6 @@ async def set_hipaa(
     request_id: RequestIdDep,
     hipaa: Annotated[str, Form(pattern="^(on|off)$")] = "on",
 ) -> Response:
-    tenant = await _operator_tenant(session, viewer, slug)
+    tenant = await operator_tenant(session, viewer, slug)
     await registry.set_hipaa(session, tenant, hipaa=hipaa == "on", actor=viewer.actor(), request_id=request_id)
     return redirect(f"/t/{tenant.slug}?notice=hipaa_{hipaa}")
-
-
-@router.post("/t/{slug}/connect-links")
-async def create_connect_link(
-    request: Request, slug: str, session: SessionDep, runtime: RuntimeDep, viewer: ViewerDep, request_id: RequestIdDep
-) -> Response:
-    tenant = await _operator_tenant(session, viewer, slug)
-    link, token = await links.create_connect_link(
-        session, tenant=tenant, hours=runtime.settings.connect_link_hours, actor=viewer.actor(), request_id=request_id
-    )
-    return render(request, viewer, "shown_once.html", tenant=tenant, title="Connect link",
-                  url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at,
-                  explain="Send this link to the organization's admin. It works once and expires; it is shown only now.")
-
-
-@router.post("/t/{slug}/invitations")
-async def invite_org_admin(
-    request: Request,
-    slug: str,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    viewer: ViewerDep,
-    request_id: RequestIdDep,
-    email: Annotated[str, Form(max_length=320)] = "",
-) -> Response:
-    tenant = await _operator_tenant(session, viewer, slug)
-    try:
-        invitation, token = await people.invite_org_admin(
-            session, tenant=tenant, email=email, hours=runtime.settings.invitation_hours,
-            actor=viewer.actor(), request_id=request_id,
-        )
-    except AppError as exc:
-        context = await _tenant_context(session, runtime, tenant, viewer)
-        return render(request, viewer, "tenant.html", status_code=exc.status_code, invite_error=exc.message, **context)
-    return render(request, viewer, "shown_once.html", tenant=tenant, title=f"Invitation for {invitation.email}",
-                  url=f"{runtime.settings.public_url}/invite/{token}", expires_at=invitation.expires_at,
-                  explain="Send this link to the new org admin. It works once and expires; it is shown only now.")
-
-
-@router.get("/audit")
-async def audit_page(
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    tenant: Annotated[str | None, Query(max_length=63)] = None,
-    action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]*$")] = None,
-    outcome: Annotated[str | None, Query(pattern="^(success|denied|failure)?$")] = None,
-    before: Annotated[int | None, Query(ge=1)] = None,
-) -> Response:
-    require_operator(viewer)
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(51)
-    tenant_row = None
-    if tenant:
-        try:
-            tenant_row = await registry.get_tenant(session, tenant)
-        except AppError:
-            tenant_row = None
-        query = query.where(AuditEntry.tenant_id == (tenant_row.id if tenant_row else None))
-    if action:
-        query = query.where(AuditEntry.action.startswith(action, autoescape=True))
-    if outcome:
-        query = query.where(AuditEntry.outcome == outcome)
-    if before:
-        query = query.where(AuditEntry.id < before)
-    rows = list((await session.scalars(query)).all())
-    slugs = {t.id: t.slug for t in (await session.scalars(select(Tenant).where(Tenant.id.in_({r.tenant_id for r in rows if r.tenant_id})))).all()}
-    return render(request, viewer, "audit.html", rows=rows[:50], more=rows[49].id if len(rows) > 50 else None,
-                  slugs=slugs, filters={"tenant": tenant or "", "action": action or "", "outcome": outcome or ""},
-                  as_dict=audit_log.as_dict)
-
-
-@router.get("/api-keys")
-async def api_keys_page(request: Request, session: SessionDep, viewer: ViewerDep) -> Response:
-    require_operator(viewer)
-    rows = await api_keys.list_keys(session)
-    scoped = {}
-    for row in rows:
-        if not row.all_tenants:
-            ids = await api_keys.covered_tenant_ids(session, row) or set()
-            scoped[row.id] = sorted(
-                (await session.scalars(select(Tenant.slug).where(Tenant.id.in_(ids)))).all()
-            )
-    return render(request, viewer, "api_keys.html", rows=rows, scoped=scoped)
-
-
-@router.post("/api-keys")
-async def create_api_key(
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    request_id: RequestIdDep,
-    name: Annotated[str, Form(max_length=200)] = "",
-    tenant: Annotated[str, Form(max_length=63)] = "",
-    read_only: Annotated[str, Form(max_length=10)] = "",
-    operator: Annotated[str, Form(max_length=10)] = "",
-) -> Response:
-    require_operator(viewer)
-    try:
-        row, key = await api_keys.create_api_key(
-            session, name=name, tenant_refs=[tenant] if tenant else None, read_only=read_only == "yes",
-            operator=operator == "yes", actor=viewer.actor(), request_id=request_id,
-        )
-    except AppError as exc:
-        rows = await api_keys.list_keys(session)
-        return render(request, viewer, "api_keys.html", status_code=exc.status_code, rows=rows, scoped={}, error=exc.message)
-    back = f"/t/{tenant}#api-keys" if tenant else "/api-keys"
-    return render(request, viewer, "key_created.html", key=key, row=row, tenant_slug=tenant or None, back=back)
-
-
-@router.post("/api-keys/{key_id}/revoke")
-async def revoke_api_key(
-    key_id: uuid.UUID,
-    session: SessionDep,
-    viewer: ViewerDep,
-    request_id: RequestIdDep,
-    back: Annotated[str, Form(max_length=500)] = "",
-) -> Response:
-    require_operator(viewer)
-    await api_keys.revoke_api_key(session, key_id=key_id, actor=viewer.actor(), request_id=request_id)
-    return redirect(safe_next(back, "/api-keys"))
