@@ -22,8 +22,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# DEMO_ARGS="--port 8080 --emulator-port 8180" runs it on other ports.
 demo: $(VENV)/.installed
-	$(BIN)/salesmsg-connect demo
+	$(BIN)/salesmsg-connect demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-test
 	./scripts/ensure-chromium.sh

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
@@ -22,6 +23,7 @@ from app.core.settings import Settings
 from app.runtime import Runtime
 from app.web import ROUTERS as WEB_ROUTERS
 from app.web.templating import create_templates
+from app.web.viewer import get_viewer
 
 log = get_logger(__name__)
 
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     )
     app.state.settings = settings
     app.state.templates = create_templates(settings)
+    app.state.error_page_context = _error_page_context
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(api_routes.router)
@@ -84,6 +87,20 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     if tracer_provider is not None:  # outermost, so the proxy our middleware dispatches is traced too
         app.add_middleware(tracing.ServerSpans, tracer_provider=tracer_provider)
     return app
+
+
+async def _error_page_context(request: Request) -> dict[str, Any]:
+    """Who is signed in, for an error page's navigation (``app.core.errors.page_context``): the
+    same ``get_viewer`` as every page, in a session of its own that writes nothing (it is never
+    committed), since the request's own unit of work has already ended or failed."""
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        return {}
+    async with runtime.db.sessionmaker() as session:
+        viewer = await get_viewer(request, session, runtime)
+    if viewer.web_session is None:
+        return {}
+    return {"viewer": viewer, "csrf_token": viewer.csrf_token}
 
 
 def create_app_from_env() -> FastAPI:

@@ -187,25 +187,34 @@ def _unique(what: str, values: list[Any]) -> None:
 
 DEMO_PAT_SCOPES = ("conversations:read", "messages:read", "messages:write", "contacts:read", "teams:read",
                    "users:read", "organizations:read")  # fmt: skip
-DEMO_REDIRECT_URIS = ["http://127.0.0.1:8000/oauth/callback", "http://localhost:8000/oauth/callback"]
+DEMO_APP_PORT = 8000
 
 
-def default_config() -> EmulatorConfig:
-    """The built-in configuration used when no file is given."""
+def demo_redirect_uris(app_port: int = DEMO_APP_PORT) -> list[str]:
+    """The callbacks of Salesmsg Connect's demo on ``app_port`` (both loopback spellings)."""
+    return [f"http://127.0.0.1:{app_port}/oauth/callback", f"http://localhost:{app_port}/oauth/callback"]
+
+
+DEMO_REDIRECT_URIS = demo_redirect_uris()
+
+
+def default_config(*, app_port: int = DEMO_APP_PORT) -> EmulatorConfig:
+    """The built-in configuration used when no file is given: its clients accept the callbacks of
+    an app on ``app_port`` (the demo passes its own port)."""
     return EmulatorConfig(
         clients=[
             OAuthClientConfig(
                 client_id="demo-client",
                 client_secret="demo-secret",
                 name="Salesmsg Connect (demo)",
-                redirect_uris=list(DEMO_REDIRECT_URIS),
+                redirect_uris=demo_redirect_uris(app_port),
                 baa_signed=False,
             ),
             OAuthClientConfig(
                 client_id="baa-client",
                 client_secret="baa-secret",
                 name="Salesmsg Connect (demo, BAA signed)",
-                redirect_uris=list(DEMO_REDIRECT_URIS),
+                redirect_uris=demo_redirect_uris(app_port),
                 baa_signed=True,
             ),
         ],

@@ -2,15 +2,10 @@
 (function () {
   "use strict";
 
-  // Ask before a destructive action (forms marked data-confirm).
+  // One submission per rendered form (the message composer): the idempotency key makes a repeat
+  // harmless anyway. Destructive actions are confirmed in the page, never with window.confirm().
   document.addEventListener("submit", function (event) {
     var form = event.target;
-    var question = form.getAttribute("data-confirm");
-    if (question && !window.confirm(question)) {
-      event.preventDefault();
-      return;
-    }
-    // One submission per rendered form: the idempotency key makes a repeat harmless anyway.
     if (form.hasAttribute("data-once")) {
       if (form.dataset.submitted === "yes") { event.preventDefault(); return; }
       form.dataset.submitted = "yes";

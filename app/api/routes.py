@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
@@ -19,6 +20,8 @@ from app.api.schemas import (
     BaaRevokeIn,
     BaaSignIn,
     ConnectionOut,
+    ConnectLinkInfo,
+    ConnectLinkListOut,
     ConnectLinkOut,
     EventOut,
     EventPageOut,
@@ -165,7 +168,41 @@ async def create_connect_link(
     link, token = await links.create_connect_link(
         session, tenant=row, hours=runtime.settings.connect_link_hours, actor=caller.actor, request_id=request_id
     )
-    return ConnectLinkOut(url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at)
+    return ConnectLinkOut(id=str(link.id), url=f"{runtime.settings.public_url}/connect/{token}", expires_at=link.expires_at)
+
+
+@router.get("/tenants/{tenant}/connect-links", response_model=ConnectLinkListOut, tags=["connections"],
+            summary="The tenant's connect links with their state (never their URLs)")
+async def list_connect_links(
+    tenant: TenantRef, session: SessionDep, caller: WriterDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 100,
+) -> ConnectLinkListOut:
+    row = await tenant_of(session, caller, tenant)
+    rows = await links.list_links(session, tenant_id=row.id, limit=limit)
+    return ConnectLinkListOut(data=[ConnectLinkInfo.of(link, links.state_of(link)) for link in rows])
+
+
+@router.post("/tenants/{tenant}/connect-links/{link_id}/revoke", response_model=ConnectLinkInfo, tags=["connections"],
+             summary="Revoke a link not used yet; browsers that opened it can no longer connect")
+async def revoke_connect_link(
+    tenant: TenantRef, link_id: uuid.UUID, session: SessionDep, caller: WriterDep, request_id: RequestIdDep
+) -> ConnectLinkInfo:
+    row = await tenant_of(session, caller, tenant)
+    link = await links.revoke(session, tenant=row, link_id=link_id, actor=caller.actor, request_id=request_id)
+    return ConnectLinkInfo.of(link, links.state_of(link))
+
+
+@router.post("/tenants/{tenant}/connect-links/{link_id}/reissue", response_model=ConnectLinkOut, status_code=201,
+             tags=["connections"], summary="Revoke a link (if it still works) and issue a new one (shown once)")
+async def reissue_connect_link(
+    tenant: TenantRef, link_id: uuid.UUID, session: SessionDep, runtime: RuntimeDep, caller: WriterDep,
+    request_id: RequestIdDep,
+) -> ConnectLinkOut:
+    row = await tenant_of(session, caller, tenant)
+    link, token = await links.reissue(session, tenant=row, link_id=link_id, hours=runtime.settings.connect_link_hours,
+                                      actor=caller.actor, request_id=request_id)
+    return ConnectLinkOut(id=str(link.id), url=f"{runtime.settings.public_url}/connect/{token}",
+                          expires_at=link.expires_at, replaces=str(link_id))
 
 
 def _event_cursor(event_id: int) -> str:

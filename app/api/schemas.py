@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.connections import policy, scopes
-from app.core.models import Connection, ConnectionEvent, Tenant
+from app.core.models import Connection, ConnectionEvent, ConnectLink, Tenant
 
 Slug = Annotated[str, StringConstraints(min_length=2, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -48,7 +48,10 @@ class ConnectionOut(BaseModel):
     refresh_failures: int
     last_error: str | None
     connected_at: datetime | None
-    salesmsg_org: str | None
+    salesmsg_org: str | None = Field(description="The Salesmsg org's name, when the grant let us read it")
+    salesmsg_org_id: str | None = Field(description="The Salesmsg org's id, when the grant let us read it")
+    salesmsg_user: str | None = Field(description="The Salesmsg user who connected (email, or name)")
+    salesmsg_user_id: str | None
 
     @classmethod
     def of(cls, conn: Connection, tenant: Tenant) -> "ConnectionOut":
@@ -57,7 +60,8 @@ class ConnectionOut(BaseModel):
             id=str(conn.id), status=conn.status, kind=conn.kind, needs_reauth=conn.status == "needs_reauth",
             scopes=granted, usable_scopes=policy.usable_scopes(conn.scopes, tenant=tenant, kind=conn.kind), access_expires_at=conn.access_expires_at,
             last_refresh_at=conn.last_refresh_at, refresh_failures=conn.refresh_failures, last_error=conn.last_error,
-            connected_at=conn.connected_at, salesmsg_org=conn.salesmsg_org,
+            connected_at=conn.connected_at, salesmsg_org=conn.salesmsg_org, salesmsg_org_id=conn.salesmsg_org_id,
+            salesmsg_user=conn.salesmsg_user, salesmsg_user_id=conn.salesmsg_user_id,
         )
 
 
@@ -119,8 +123,39 @@ class BaaRevokeIn(Strict):
 
 
 class ConnectLinkOut(BaseModel):
-    url: str
+    """A new connect link: its URL is shown only in this answer."""
+
+    id: str = Field(description="The link's id, for listing, revoking and re-issuing it")
+    url: str = Field(description="Shown once: send it to the org admin")
     expires_at: datetime
+    replaces: str | None = Field(default=None, description="On a re-issue: the id of the link it replaces (now revoked)")
+
+
+class ConnectLinkInfo(BaseModel):
+    """A connect link as listed: its state, never its URL (stored only as a hash)."""
+
+    id: str
+    state: str = Field(description="outstanding, opened (not used yet), used, revoked or expired", examples=["opened"])
+    created_at: datetime
+    created_by: str
+    expires_at: datetime
+    first_opened_at: datetime | None = Field(description="Opening a link spends nothing (mail scanners open links too)")
+    open_count: int
+    used_at: datetime | None = Field(description="When a connection made through it completed")
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+    @classmethod
+    def of(cls, link: ConnectLink, state: str) -> "ConnectLinkInfo":
+        return cls(
+            id=str(link.id), state=state, created_at=link.created_at, created_by=link.created_by,
+            expires_at=link.expires_at, first_opened_at=link.first_opened_at, open_count=link.open_count or 0,
+            used_at=link.used_at, revoked_at=link.revoked_at, revoked_by=link.revoked_by,
+        )
+
+
+class ConnectLinkListOut(BaseModel):
+    data: list[ConnectLinkInfo] = Field(description="Newest first")
 
 
 class EventOut(BaseModel):

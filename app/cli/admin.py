@@ -1,4 +1,4 @@
-"""Operator commands: tenants, users, master keys, the audit chain."""
+"""Operator commands: tenants, users (and recovering a locked-out one), master keys, the audit chain."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from app.audit import audit_log
 from app.cli.environment import CLI_ACTOR, emit, run
-from app.identity import api_keys, people
+from app.identity import api_keys, mfa, password_resets, people
 from app.runtime import Runtime
 from app.tenants import registry
 from app.vault import tenant_keys
@@ -120,27 +120,31 @@ def user_create(
 def keys_rotate(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """Rewrap every tenant data key under the first key of SMC_MASTER_KEYS (safe while serving)."""
 
-    async def go(runtime: Runtime) -> tenant_keys.RotateReport:
-        return await tenant_keys.rewrap_all(runtime.db, runtime.keyring)
+    async def go(runtime: Runtime) -> tuple[tenant_keys.RotateReport, mfa.KeyReport]:
+        return await tenant_keys.rewrap_all(runtime.db, runtime.keyring), await mfa.rewrap_all(runtime.db, runtime.keyring)
 
-    report = run(go)
-    emit(report.__dict__, as_json, f"rewrapped {report.rewrapped} data keys under {report.primary}; {report.already_current} already were")
+    report, secrets = run(go)
+    data = {**report.__dict__, "mfa_secrets_rewrapped": secrets.rewrapped, "mfa_secrets_already_current": secrets.already_current}
+    emit(data, as_json, f"rewrapped {report.rewrapped} data keys under {report.primary}; {report.already_current} already were; "
+         f"resealed {secrets.rewrapped} MFA secrets ({secrets.already_current} already were)")
 
 
 @keys_cli.command("verify")
 def keys_verify(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """Open every data key and every sealed secret; exit 1 if anything fails."""
 
-    async def go(runtime: Runtime) -> tenant_keys.VerifyReport:
-        return await tenant_keys.verify_all(runtime.db, runtime.data_keys)
+    async def go(runtime: Runtime) -> tuple[tenant_keys.VerifyReport, mfa.KeyReport]:
+        return await tenant_keys.verify_all(runtime.db, runtime.data_keys), await mfa.verify_all(runtime.db, runtime.keyring)
 
-    report = run(go)
-    data = {"ok": report.ok, "tenants": report.tenants, "secrets": report.secrets, "by_master_key": report.by_master_key, "failures": report.failures}
-    text = f"{report.tenants} tenants, {report.secrets} secrets, data keys by master key {report.by_master_key}: " + (
-        "all open" if report.ok else "FAILURES:\n  " + "\n  ".join(report.failures)
-    )
+    report, secrets = run(go)
+    failures = report.failures + secrets.failures
+    ok = not failures
+    data = {"ok": ok, "tenants": report.tenants, "secrets": report.secrets, "mfa_secrets": secrets.opened + len(secrets.failures),
+            "by_master_key": report.by_master_key, "failures": failures}
+    text = (f"{report.tenants} tenants, {report.secrets} secrets, {data['mfa_secrets']} MFA secrets, "
+            f"data keys by master key {report.by_master_key}: ") + ("all open" if ok else "FAILURES:\n  " + "\n  ".join(failures))
     emit(data, as_json, text)
-    if not report.ok:
+    if not ok:
         raise typer.Exit(1)
 
 
@@ -227,3 +231,39 @@ def api_key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (see
 
     run(go)
     typer.echo(f"revoked {key_id}")
+
+
+async def _user_by_email(session, email: str):
+    return await people.find_user(session, email)
+
+
+@user_cli.command("reset-mfa")
+def user_reset_mfa(email: Annotated[str, typer.Argument(help="The person's sign-in email")]) -> None:
+    """Remove a person's two-step sign-in (lost device, or the last operator locked out): their
+    authenticator and recovery codes stop working, their sessions end; they enrol again after signing in."""
+
+    async def go(runtime: Runtime) -> None:
+        async with runtime.db.session() as session:
+            user = await _user_by_email(session, email)
+            await mfa.reset(session, user=user, actor=CLI_ACTOR)
+
+    run(go)
+    typer.echo(f"two-step sign-in removed for {email}; their sessions have ended")
+
+
+@user_cli.command("reset-password-link")
+def user_reset_password_link(email: Annotated[str, typer.Argument(help="The person's sign-in email")]) -> None:
+    """Print a password reset link for a person, once: single use, expiring after
+    SMC_PASSWORD_RESET_MINUTES; any older link of theirs stops working."""
+
+    async def go(runtime: Runtime) -> tuple[str, str]:
+        async with runtime.db.session() as session:
+            user = await _user_by_email(session, email)
+            reset, token = await password_resets.issue(
+                session, user=user, minutes=runtime.settings.password_reset_minutes, actor=CLI_ACTOR
+            )
+            return f"{runtime.settings.public_url}/reset/{token}", reset.expires_at.isoformat()
+
+    url, expires_at = run(go)
+    typer.echo(url)
+    typer.echo(f"(shown once) single use, expires {expires_at}", err=True)

@@ -160,26 +160,49 @@ def summary(app_url: str, emulator: EmulatorServer, key: str) -> dict[str, Any]:
     }
 
 
+class DemoFailed(Exception):
+    """The demo cannot start; the message says why in one line."""
+
+
 def run_demo(*, port: int = 8000, emulator_port: int = 8100) -> None:
-    for needed in (port, emulator_port):
+    """Start everything and serve until Ctrl-C; a failure to start is one line on stderr, exit 1."""
+    try:
+        _run_demo(port=port, emulator_port=emulator_port)
+    except DemoFailed as exc:
+        typer.echo(f"demo: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _run_demo(*, port: int, emulator_port: int) -> None:
+    if port == emulator_port:
+        raise DemoFailed(f"--port and --emulator-port are both {port}; give them different ports")
+    for needed, option in ((port, "--port"), (emulator_port, "--emulator-port")):
         if not _port_free(needed):
-            raise typer.BadParameter(f"port {needed} is in use; stop what uses it or pass --port")
+            raise DemoFailed(f"port {needed} is in use; stop what uses it or pass another {option}")
     VAR.mkdir(exist_ok=True)
     for leftover in VAR.glob("demo.db*"):
         leftover.unlink()
     from app.core.logs import configure_logging
 
     configure_logging(level=os.environ.get("SMC_LOG_LEVEL", "INFO"))
-    config = default_config()  # Salesmsg's budget as it counts it: 60 a minute per org; ours keeps under it
-    emulator = EmulatorServer(config, port=emulator_port).start()
+    # Salesmsg's budget as it counts it (60 a minute per org; ours keeps under it), and this demo's
+    # own callback registered with the emulator's OAuth clients.
+    config = default_config(app_port=port)
+    try:
+        emulator = EmulatorServer(config, port=emulator_port).start()
+    except (OSError, RuntimeError) as exc:
+        raise DemoFailed(f"the Salesmsg emulator could not start on port {emulator_port}: {exc}") from exc
     settings = demo_settings(port, emulator)
     upgrade(settings.database_url)
     key = asyncio.run(seed(settings))
     server, thread = _serve_in_thread(settings, port)
     app_url = settings.public_url
     try:
-        _wait(app_url + "/healthz")
-        connect_through_oauth(app_url, CONNECTED, user_id=101)
+        try:
+            _wait(app_url + "/healthz")
+            connect_through_oauth(app_url, CONNECTED, user_id=101)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            raise DemoFailed(f"the demo could not connect {CONNECTED} through the emulator: {exc}") from exc
         info = summary(app_url, emulator, key)
         (VAR / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
         typer.echo(_banner(info))

@@ -197,29 +197,55 @@ async def complete_authorization(
     conn, existed = await transitions.connected(
         session, tenant=tenant, key=key, kind=OAUTH, access_token=token.access_token, refresh_token=token.refresh_token,
         expires_in=token.expires_in, granted_scopes=granted, actor=actor, request_id=request_id,
-        profile=await _profile(http, settings, token.access_token, set(granted)),
+        profile=await read_profile(http, settings, token.access_token, set(granted)),
     )
     return CallbackResult(tenant, conn, existed)
 
 
-async def _profile(http: aiohttp.ClientSession, settings: Settings, access_token: str, granted: set[str]) -> transitions.Profile:
-    """Who connected and which org, for the dashboard; best effort, never fatal."""
-    found: dict[str, str | None] = {"salesmsg_user": None, "salesmsg_org": None}
-    checks = [("users:read", "/users/me", "salesmsg_user"), ("organizations:read", "/organization/current", "salesmsg_org")]
-    for scope, path, field in checks:
-        if scope not in granted:
-            continue
-        status, raw = await token_client.get_with_token(http, settings, path, token=access_token, timeout=5)
-        try:
-            body = json.loads(raw) if status == 200 else None
-        except ValueError:
-            body = None
-        if isinstance(body, dict):
-            label = body.get("email") or body.get("name") or body.get("full_name")
-            if label is None and isinstance(body.get("data"), dict):
-                label = body["data"].get("name") or body["data"].get("email")
-            found[field] = str(label)[:200] if label else None
+async def read_profile(http: aiohttp.ClientSession, settings: Settings, access_token: str, granted: set[str]) -> transitions.Profile:
+    """Who connected and which org (``GET /users/me``, ``GET /organization/current``, each only when
+    its scope was granted); best effort, never fatal: a field Salesmsg does not send stays None."""
+    found: dict[str, str | None] = {}
+    if "users:read" in granted:
+        me = await _fetch_object(http, settings, "/users/me", access_token)
+        if me is not None:
+            found["salesmsg_user"] = _text(me.get("email")) or _text(me.get("full_name")) or _text(me.get("name"))
+            found["salesmsg_user_id"] = _ident(me.get("id"))
+            org = me.get("organization")
+            if isinstance(org, dict):
+                found["salesmsg_org"], found["salesmsg_org_id"] = _text(org.get("name")), _ident(org.get("id"))
+            else:
+                found["salesmsg_org_id"] = _ident(me.get("organization_id"))
+    if "organizations:read" in granted:
+        org = await _fetch_object(http, settings, "/organization/current", access_token)
+        if org is not None and _ident(org.get("id")):
+            found["salesmsg_org"], found["salesmsg_org_id"] = _text(org.get("name")) or found.get("salesmsg_org"), _ident(org.get("id"))
     return transitions.Profile(**found)
+
+
+async def _fetch_object(http: aiohttp.ClientSession, settings: Settings, path: str, access_token: str) -> dict | None:
+    """The JSON object at ``path`` (unwrapping a ``data`` envelope), or None on any failure."""
+    status, raw = await token_client.get_with_token(http, settings, path, token=access_token, timeout=5)
+    try:
+        body = json.loads(raw) if status == 200 else None
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(body, dict) and isinstance(body.get("data"), dict):
+        body = body["data"]
+    return body if isinstance(body, dict) else None
+
+
+def _text(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return " ".join(value.split())[:200] or None
+
+
+def _ident(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    text = str(value).strip()
+    return text[:64] if text and text.isprintable() else None
 
 
 async def forget_expired_states(session: AsyncSession, *, older_than: timedelta = timedelta(days=1)) -> None:

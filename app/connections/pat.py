@@ -1,18 +1,22 @@
 """Connecting a tenant with a personal access token an org member pastes in.
 
-One cheap API call proves the token works before it is stored. PAT connections are an org
+One cheap API call proves the token works before it is stored; then, as for an OAuth connect,
+the Salesmsg user and org are read (``authorize.read_profile``: best effort, a scope the token lacks
+just leaves them unknown), so an org change or an org another tenant holds is flagged the same way. PAT connections are an org
 member's own access and are not BAA-gated (``policy``: Salesmsg's rule).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import aiohttp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.audit_log import Actor
 from app.connections import policy, token_client, transitions
+from app.connections.authorize import read_profile
 from app.connections.view import PAT
 from app.core.errors import UpstreamError, ValidationFailed
 from app.core.models import Connection, Tenant
@@ -46,10 +50,13 @@ async def connect_with_pat(
         raise ValidationFailed("Salesmsg did not accept this token.", code="invalid_token")
     if status is None or status >= 500:
         raise UpstreamError("Salesmsg could not be reached to check the token; try again.")
+    profile = await read_profile(http, settings, token, {"users:read", "organizations:read"} if label else {"organizations:read"})
+    if profile.salesmsg_user is None and label:
+        profile = replace(profile, salesmsg_user=label)
     key = await tenant_keys.data_key_for(session, data_keys, tenant.id)
     conn, _ = await transitions.connected(
         session, tenant=tenant, key=key, kind=PAT, access_token=token, refresh_token=None, expires_in=None,
-        granted_scopes=chosen, actor=actor, request_id=request_id, profile=transitions.Profile(salesmsg_user=label),
+        granted_scopes=chosen, actor=actor, request_id=request_id, profile=profile,
     )
     return conn
 

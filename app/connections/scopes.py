@@ -9,6 +9,9 @@ Pure: no database, no I/O. Two parts:
   wherever a grant holds them (the gate, audit), but asking Salesmsg for a scope it does not know
   may fail the whole authorization, so they are offered only when an operator turns on
   ``SMC_OFFER_UNLISTED_PHI_SCOPES`` (``offered``; ``policy.check_request`` enforces it).
+
+Each scope also says in plain words what it lets the integration do (``Scope.plain``), for the
+consent screen: one rule for most resources, a short table where the rule would read badly.
 """
 
 from __future__ import annotations
@@ -88,6 +91,48 @@ class Scope:
     def description(self) -> str:
         verb = "Read" if self.access == "read" else "Create and update"
         return f"{verb} {self.label.lower()}"
+
+    @property
+    def plain(self) -> str:
+        """What the scope lets the integration do, in the org admin's words (``plain_words``)."""
+        return plain_words(self.resource, self.label, self.access)
+
+
+# What a scope lets the integration do, for the person on the consent screen. Most follow one
+# rule (``plain_words``: "See your tags" / "Create and change your tags"); these say it better
+# where the rule would mislead or read oddly: (read, write).
+_PLAIN: dict[str, tuple[str, str]] = {
+    "conversations": ("Read your conversations", "Change your conversations, such as closing or assigning them"),
+    "messages": ("Read your messages", "Send messages on your behalf"),
+    "contacts": ("See your contacts", "Add and change your contacts"),
+    "attachments": ("See files sent in your messages", "Attach files to messages"),
+    "calls": ("See your call log", "Change your call log"),
+    "recordings": ("Listen to your call recordings", "Change your call recordings"),
+    "teams": ("See your teams (inboxes)", "Create and change your teams (inboxes)"),
+    "users": ("See the people in your account", "Add and change the people in your account"),
+    "billing": ("See your billing and plan", "Change your billing and plan"),
+    "broadcasts": ("See your broadcasts", "Create and send broadcasts"),
+    "broadcasts-recurring": ("See your recurring broadcasts", "Create and schedule recurring broadcasts"),
+    "toll-free": ("See your toll-free numbers and their verification", "Register and change toll-free numbers"),
+    "contact-imports": ("See your contact imports", "Import contacts"),
+    "numbers": ("See your phone numbers", "Buy, change and release phone numbers"),
+    "organizations": ("See your organization's settings", "Change your organization's settings"),
+    "organizations-agency": ("See the organizations your agency manages", "Manage your agency's organizations"),
+    "organizations-invitations": ("See invitations to your organization", "Invite people to your organization"),
+    "role-permissions": ("See roles and permissions", "Change roles and permissions"),
+    "voice": ("See your voice settings", "Change your voice settings"),
+    "off-hours": ("See your off-hours schedule", "Change your off-hours schedule"),
+    "website-chat": ("See your website chat widget", "Change your website chat widget"),
+}
+
+
+def plain_words(resource: str, label: str, access: str) -> str:
+    """The plain-word description of ``resource:access``: from ``_PLAIN``, else the rule."""
+    special = _PLAIN.get(resource)
+    if special is not None:
+        return special[0] if access == "read" else special[1]
+    noun = label.lower()
+    return f"See your {noun}" if access == "read" else f"Create and change your {noun}"
 
 
 def _build() -> dict[str, Scope]:

@@ -5,11 +5,16 @@ the refresh lease.
 | --- | --- | --- | --- | --- |
 | ``take_lease`` / ``lease_due`` | (active only) | lease owner and expiry, if free or run out | | |
 | ``release_lease`` | unchanged | lease cleared, if still ours | | |
-| ``connected`` | active | new tokens, version + 1, failures and lease cleared, who and which org | connected | connection.connect |
+| ``connected`` | active | new tokens, version + 1, failures and lease cleared, who and which org | connected (+ org_changed, org_shared) | connection.connect |
 | ``refreshed`` | active | new tokens (compare-and-swap on version and lease owner), failures and lease cleared | refreshed (+ recovered after failures) | |
 | ``refresh_failed`` | active; needs_reauth after the last allowed failure | failures + 1, cooldown, lease released | refresh_failed (+ needs_reauth) | connection.needs_reauth when given up |
 | ``dead`` | needs_reauth (compare-and-swap on version) | lease released | needs_reauth | connection.needs_reauth |
 | ``disconnected`` | disconnected | tokens shredded, version + 1, lease released | disconnected | connection.disconnect |
+
+A connect whose Salesmsg org differs from the one the row last held (the org id stays on the row
+across a disconnect) emits ``org_changed``; one whose org another tenant's live connection holds
+emits ``org_shared``, whose payload counts the other tenants without naming them (the audit row
+keeps their slugs). Neither blocks the connect: an operator decides, warned on the tenant page.
 
 Each runs in one transaction, so a change and its event and audit row land together or not at
 all. Tokens are sealed here under the tenant's data key, bound to the connection and the field.
@@ -31,12 +36,13 @@ from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import audit_log
-from app.audit.audit_log import Actor
+from app.audit.audit_log import ACTOR_LINK, Actor
 from app.connections import events, scopes
 from app.connections.store import get_connection, require_connection
 from app.connections.view import ACTIVE, COLUMNS, DISCONNECTED, NEEDS_REAUTH, ConnectionView
 from app.core.db import Database
-from app.core.models import Connection, Tenant
+from app.core.models import Connection, ConnectLink, Tenant, WebSession
+from app.tenants.registry import tenants_holding_org
 from app.vault.envelope import DataKey
 
 HEALTHY = {"refresh_failures": 0, "next_refresh_at": None, "last_error": None}
@@ -68,7 +74,26 @@ class Profile:
     """Who connected, at Salesmsg, and which org (best effort; shown on the tenant page)."""
 
     salesmsg_user: str | None = None
+    salesmsg_user_id: str | None = None
     salesmsg_org: str | None = None
+    salesmsg_org_id: str | None = None
+
+
+async def _link_sender(session: AsyncSession, actor: Actor) -> str | None:
+    """Who sent the connect link a link actor came in through (its id is the link's id, or the
+    prefix of the browser session the link started)."""
+    if actor.type != ACTOR_LINK or not actor.id:
+        return None
+    try:
+        return await session.scalar(select(ConnectLink.created_by).where(ConnectLink.id == uuid.UUID(actor.id)))
+    except ValueError:
+        pass
+    if not actor.id.isalnum():
+        return None
+    return await session.scalar(
+        select(ConnectLink.created_by).join(WebSession, WebSession.link_id == ConnectLink.id)
+        .where(WebSession.id.startswith(actor.id)).limit(1)
+    )
 
 
 async def connected(
@@ -91,6 +116,8 @@ async def connected(
     """
     conn = await get_connection(session, tenant.id)
     existed = conn is not None
+    # read before the row is overwritten: the org this tenant held last (kept across a disconnect)
+    before = {"id": conn.salesmsg_org_id, "name": conn.salesmsg_org} if conn is not None else None
     now = datetime.now(UTC)
     if conn is None:
         conn = Connection(id=uuid.uuid4(), tenant_id=tenant.id, version=1)
@@ -110,15 +137,36 @@ async def connected(
         "connected_by": actor.id or actor.type,
         "disconnected_at": None,
         "salesmsg_user": profile.salesmsg_user,
+        "salesmsg_user_id": profile.salesmsg_user_id,
         "salesmsg_org": profile.salesmsg_org,
+        "salesmsg_org_id": profile.salesmsg_org_id,
     }
     for name, value in values.items():
         setattr(conn, name, value)
     await session.flush()
-    details = {"kind": kind, "scopes": granted_scopes, "reconnect": existed}
+    details: dict[str, Any] = {"kind": kind, "scopes": granted_scopes, "reconnect": existed, "by": actor.type}
     await events.emit(session, tenant_id=tenant.id, connection_id=conn.id, type="connected", data=details)
+    audit_details: dict[str, Any] = dict(details)
+    sender = await _link_sender(session, actor)
+    if sender:
+        audit_details["link_sent_by"] = sender
+    org_id = profile.salesmsg_org_id
+    if org_id:
+        audit_details["salesmsg_org_id"] = org_id
+        now_org = {"id": org_id, "name": profile.salesmsg_org}
+        if before is not None and before["id"] and before["id"] != org_id:
+            await events.emit(session, tenant_id=tenant.id, connection_id=conn.id, type="org_changed",
+                              data={"from": before, "to": now_org})
+            audit_details["org_changed"] = {"from": before["id"], "to": org_id}
+        holders = [t.slug for t in await tenants_holding_org(session, org_id, besides=tenant.id)]
+        if holders:
+            # The event goes to the tenant's webhook and API keys: it counts the other tenants but
+            # never names them. The audit row (operators only) keeps their slugs.
+            await events.emit(session, tenant_id=tenant.id, connection_id=conn.id, type="org_shared",
+                              data={"org": now_org, "other_tenants": len(holders)})
+            audit_details["org_shared"] = holders
     await audit_log.record(session, "connection.connect", actor, tenant_id=tenant.id, target=tenant.slug,
-                           request_id=request_id, details=details)
+                           request_id=request_id, details=audit_details)
     return conn, existed
 
 

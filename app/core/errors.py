@@ -138,20 +138,44 @@ def render_error(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
     hint: str | None = None,
+    page: dict[str, Any] | None = None,
 ) -> Response:
+    """``page``: more context for the HTML page (who is signed in, for the navigation; see
+    ``page_context``)."""
     if wants_json(request.url.path):
         return JSONResponse(error_body(code, message, extra), status_code=status_code, headers=headers)
     templates = getattr(request.app.state, "templates", None)
     request_id = request.scope.get("state", {}).get("request_id", "")
     if templates is None:  # pragma: no cover - only before the lifespan has run
         return HTMLResponse(f"<h1>{status_code}</h1>", status_code=status_code, headers=headers)
-    return templates.TemplateResponse(
+    response = templates.TemplateResponse(
         request,
         "error.html",
-        {"status_code": status_code, "code": code, "message": message, "title": title, "hint": hint, "request_id": request_id},
+        {**(page or {}), "status_code": status_code, "code": code, "message": message, "title": title, "hint": hint,
+         "request_id": request_id},
         status_code=status_code,
         headers=headers,
     )
+    if page:
+        response.headers["Cache-Control"] = "no-store"  # it names the signed-in person
+    return response
+
+
+# The app sets ``app.state.error_page_context``: an async callable that returns the template
+# context naming who is signed in (``viewer``, ``csrf_token``), so an error page keeps the
+# navigation. It lives with the pages (this layer cannot import them); without it, or when it
+# fails, the page is shown without navigation.
+async def page_context(request: Request) -> dict[str, Any]:
+    if wants_json(request.url.path):
+        return {}
+    hook = getattr(request.app.state, "error_page_context", None)
+    if hook is None:
+        return {}
+    try:
+        return dict(await hook(request))
+    except Exception as exc:  # noqa: BLE001 - an error page must never fail for want of a name
+        log.warning("error page shown without navigation", error=type(exc).__name__)
+        return {}
 
 
 async def _app_error(request: Request, exc: Exception) -> Response:
@@ -168,6 +192,7 @@ async def _app_error(request: Request, exc: Exception) -> Response:
         headers=exc.headers,
         extra=exc.extra,
         hint=exc.hint,
+        page=await page_context(request),
     )
 
 
@@ -193,6 +218,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message=message,
         title="Not found" if exc.status_code == 404 else "Something is not right",
         headers=getattr(exc, "headers", None),
+        page=await page_context(request),
     )
 
 
@@ -208,6 +234,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         code="invalid_request",
         message="The request is not valid.",
         extra={"fields": fields[:50]},
+        page=await page_context(request),
     )
 
 
@@ -233,6 +260,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         code="internal_error",
         message="Something went wrong on our side. The request id helps us find it.",
         title="Something went wrong",
+        page=await page_context(request),
     )
 
 

@@ -32,8 +32,8 @@ _TOKEN_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
     # an Authorization header value
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), rf"\1 {REDACTED}"),
-    # our own API keys, connect links and invitations
-    (re.compile(r"\bsmc_(?:live|key|link|inv)_[A-Za-z0-9_-]{8,}"), REDACTED),
+    # our own API keys, connect links, invitations and password reset links
+    (re.compile(r"\bsmc_(?:live|key|link|inv|pwr)_[A-Za-z0-9_-]{8,}"), REDACTED),
     # key=value pairs in query strings or form bodies
     (
         re.compile(

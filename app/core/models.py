@@ -342,6 +342,7 @@ class AuditEntry(Base):
     __table_args__ = (
         Index("ix_audit_log_tenant_id_at", "tenant_id", "at"),
         Index("ix_audit_log_at", "at"),
+        Index("ix_audit_log_actor_id_id", "actor_id", "id"),  # the audit page's actor filter
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     salesmsg_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     salesmsg_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     salesmsg_pkce: bool = True
+    # Who is asking, on the consent screen: the integration's name and what it is for, in one line.
+    integration_name: str = Field(default="Salesmsg Connect", min_length=1, max_length=80)
+    integration_purpose: str = Field(
+        default="Reads and answers your Salesmsg conversations for the services you use with it.",
+        min_length=1, max_length=300,
+    )
     # Minimum necessary: what the dashboard needs to list and answer conversations.
     default_scopes: str = (
         "conversations:read messages:read messages:write contacts:read teams:read users:read"

@@ -6,6 +6,13 @@ the cookie is HttpOnly, SameSite=Lax, and Secure with the ``__Host-`` prefix und
 
 Signed-in and connect-link sessions carry a synchronizer CSRF token; forms shown before
 sign-in use a double-submit cookie signed with ``SMC_SESSION_SECRET``.
+
+A person with MFA first gets a session at stage ``mfa``: the password was right, the second factor
+is still due. It signs nobody in (the viewer treats it as anonymous), lives at most
+``MFA_STAGE_MINUTES``, and is replaced by a new full session (a new id) once the code is right.
+Disabling a person, a password change or reset, turning MFA on or off, new recovery codes and an
+MFA reset delete their sessions at once (``end_all_for_user``; the browser that made its own
+change gets a new session id), and ``load`` refuses a disabled person's session on the next request anyway.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from app.core.settings import Settings
 from app.kit.tokens import token_hash
 
 _TOUCH_EVERY = timedelta(seconds=60)
+STAGE_FULL, STAGE_MFA = "full", "mfa"
+MFA_STAGE_MINUTES = 10
 
 
 def session_cookie_name(settings: Settings) -> str:
@@ -41,9 +50,13 @@ async def start(
     *,
     user: User | None = None,
     link_tenant_id: uuid.UUID | None = None,
+    link_id: uuid.UUID | None = None,
     replaces: str | None = None,
+    stage: str = STAGE_FULL,
 ) -> tuple[str, WebSession]:
     """A new session (new id); the one it replaces, if any, is deleted."""
+    if stage not in (STAGE_FULL, STAGE_MFA):
+        raise ValueError(f"unknown session stage {stage!r}")
     if replaces:
         await session.execute(delete(WebSession).where(WebSession.id == token_hash(replaces)))
     token = secrets.token_urlsafe(32)
@@ -52,10 +65,14 @@ async def start(
         id=token_hash(token),
         user_id=user.id if user else None,
         link_tenant_id=link_tenant_id,
+        link_id=link_id,
+        stage=stage,
         csrf_token=secrets.token_urlsafe(32),
         created_at=now,
         last_seen_at=now,
-        expires_at=now + timedelta(hours=settings.session_absolute_hours),
+        expires_at=now + (
+            timedelta(minutes=MFA_STAGE_MINUTES) if stage == STAGE_MFA else timedelta(hours=settings.session_absolute_hours)
+        ),
     )
     session.add(row)
     await session.flush()
@@ -92,6 +109,14 @@ async def end(session: AsyncSession, token: str | None) -> None:
         await session.execute(delete(WebSession).where(WebSession.id == token_hash(token)))
 
 
+async def end_all_for_user(session: AsyncSession, user_id: uuid.UUID, *, keep: str | None = None) -> None:
+    """Every session of this person ends now (all but ``keep``, the cookie of the session making the change)."""
+    statement = delete(WebSession).where(WebSession.user_id == user_id)
+    if keep:
+        statement = statement.where(WebSession.id != token_hash(keep))
+    await session.execute(statement)
+
+
 async def purge_expired(session: AsyncSession) -> None:
     """Sessions past their absolute lifetime (``load`` already refuses them); the worker drops them."""
     await session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))
@@ -125,13 +150,19 @@ def new_anonymous_csrf(settings: Settings) -> str:
     return f"{nonce}.{_mac(settings.session_secret, nonce)}"
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two tokens; a token that is not ASCII is never ours (and
+    ``hmac.compare_digest`` refuses to compare such a str)."""
+    return a.isascii() and b.isascii() and hmac.compare_digest(a.encode(), b.encode())
+
+
 def anonymous_csrf_valid(settings: Settings, cookie: str | None, submitted: str | None) -> bool:
     if not cookie or not submitted or len(cookie) > 200:
         return False
-    if not hmac.compare_digest(cookie, submitted):
+    if not _same(cookie, submitted):
         return False
     nonce, _, mac = cookie.partition(".")
-    return bool(nonce) and hmac.compare_digest(mac, _mac(settings.session_secret, nonce))
+    return bool(nonce) and _same(mac, _mac(settings.session_secret, nonce))
 
 
 def set_csrf_cookie(response: Response, settings: Settings, value: str) -> None:
@@ -141,4 +172,4 @@ def set_csrf_cookie(response: Response, settings: Settings, value: str) -> None:
 
 
 def session_csrf_valid(row: WebSession, submitted: str | None) -> bool:
-    return bool(submitted) and hmac.compare_digest(row.csrf_token, submitted or "")
+    return bool(submitted) and _same(row.csrf_token, submitted or "")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -48,16 +50,48 @@ class Inbox:
     tenant: Tenant
     actor: Actor
     request_id: str = ""
+    # the PHI calls of the page view in progress (``page_view``), audited together when it ends
+    _view: list[dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     async def access(self) -> TenantAccess:
         return TenantAccess.of(self.tenant, await get_connection(self.session, self.tenant.id))
 
     async def _audit(self, endpoint_scope: str, target: str, outcome: str, details: dict[str, Any]) -> None:
-        if scopes.is_phi(endpoint_scope):
-            await audit_log.record(
-                self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
-                target=target, request_id=self.request_id or None, details={"scope": endpoint_scope, **details},
-            )
+        if not scopes.is_phi(endpoint_scope):
+            return
+        if self._view is not None:
+            self._view.append({"call": target, "scope": endpoint_scope, "outcome": outcome, **details})
+            return
+        await audit_log.record(
+            self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
+            target=target, request_id=self.request_id or None, details={"scope": endpoint_scope, **details},
+        )
+
+    @asynccontextmanager
+    async def page_view(self, target: str) -> AsyncIterator[None]:
+        """One page that makes several PHI calls (a thread: the conversation and its messages;
+        contacts: the listing and its fallback) is one audit event: ``target`` is the page, the
+        outcome the worst of its calls (denied, then failure), and ``calls`` lists each call with
+        its scope and status. Written when the view ends, also when a call raised; a view with
+        no PHI call writes nothing."""
+        if self._view is not None:  # already inside a view: its calls join the outer one
+            yield
+            return
+        self._view = []
+        try:
+            yield
+        finally:
+            calls, self._view = self._view, None
+            if calls:
+                outcomes = {c.pop("outcome") for c in calls}
+                outcome = next((o for o in ("denied", "failure") if o in outcomes), "success")
+                details: dict[str, Any] = {"scope": sorted({c["scope"] for c in calls}), "calls": calls}
+                if len(calls) == 1:  # the same shape as a single call's record
+                    details = {k: v for k, v in calls[0].items() if k != "call"}
+                await audit_log.record(
+                    self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
+                    target=target, request_id=self.request_id or None, details=details,
+                )
 
     async def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes = b"",
                     idempotency_key: str | None = None, access: TenantAccess | None = None) -> Any:

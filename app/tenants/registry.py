@@ -185,3 +185,23 @@ async def delete_tenant(session: AsyncSession, tenant: Tenant, *, actor: Actor, 
     await session.delete(tenant)
     await session.flush()
 
+
+
+def check_typed_confirmation(tenant: Tenant, typed: str) -> None:
+    """A page's destructive action goes ahead only when the tenant's slug was typed in full."""
+    if typed.strip().lower() != tenant.slug:
+        raise ValidationFailed(
+            f"Type the tenant's slug, {tenant.slug}, to confirm.",
+            code="confirmation_mismatch",
+            extra={"fields": [{"field": "confirm_slug", "problem": "mismatch"}]},
+        )
+
+
+async def tenants_holding_org(session: AsyncSession, org_id: str, *, besides: uuid.UUID) -> list[Tenant]:
+    """Other tenants whose live (not disconnected) connection holds this Salesmsg org, by slug."""
+    rows = await session.scalars(
+        select(Tenant).join(Connection, Connection.tenant_id == Tenant.id)
+        .where(Connection.salesmsg_org_id == org_id, Connection.tenant_id != besides, Connection.status != "disconnected")
+        .order_by(Tenant.slug).limit(20)
+    )
+    return list(rows.all())

@@ -1,7 +1,9 @@
 """The connected org's conversations, a conversation thread with a send form, and contacts.
 
-The org admin sees only their own tenant; operators see any tenant. A HIPAA tenant without a
-BAA shows a locked state and no data; Salesmsg being down shows a banner, never a 500.
+The org admin sees only their own tenant; operators see any tenant. A tenant with no connection
+shows one "not connected" state and a HIPAA tenant without a BAA a locked state, with no data and
+no call to Salesmsg; Salesmsg being down shows a banner, never a 500. Each page view is one audit
+event (``Inbox.page_view``), however many PHI calls it makes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi.responses import Response
 from app.audit import audit_log
 from app.connections import policy, scopes
 from app.connections.store import get_connection
-from app.connections.view import TenantAccess
+from app.connections.view import DISCONNECTED, TenantAccess
 from app.core.errors import AppError
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.proxy.inbox import (
@@ -49,14 +51,21 @@ async def _setup(request: Request, session, runtime, viewer, slug: str, request_
     inbox = Inbox(upstream=runtime.upstream, idempotency=runtime.idempotency, data_keys=runtime.data_keys,
                   session=session, tenant=tenant, actor=viewer.actor(), request_id=request_id)
     locked = policy.phi_blocked(TenantAccess.of(tenant, conn))
-    context: dict[str, Any] = {"tenant": tenant, "connection": conn, "problem": None, "locked": locked}
+    unconnected = conn is None or conn.status == DISCONNECTED or conn.access_token_ct is None
+    context: dict[str, Any] = {"tenant": tenant, "connection": conn, "problem": None, "locked": locked,
+                               "unconnected": unconnected}
     return inbox, context
 
 
-async def _locked(inbox: Inbox, target: str) -> None:
-    """A PHI view refused for want of a BAA is audited like any other denial."""
+async def _refused(inbox: Inbox, context: dict[str, Any], target: str) -> bool:
+    """A page that cannot show anything (no connection, or PHI locked for want of a BAA) asks
+    Salesmsg nothing; the refused view is audited like any other denial. True when refused."""
+    decision = "not_connected" if context["unconnected"] else "baa_required" if context["locked"] else None
+    if decision is None:
+        return False
     await audit_log.record(inbox.session, "dashboard.phi_access", inbox.actor, outcome="denied", tenant_id=inbox.tenant.id,
-                       target=target, request_id=inbox.request_id or None, details={"decision": "baa_required"})
+                           target=target, request_id=inbox.request_id or None, details={"decision": decision})
+    return True
 
 
 @router.get("/t/{slug}/conversations")
@@ -73,11 +82,10 @@ async def conversations_page(
 ) -> Response:
     inbox, context = await _setup(request, session, runtime, viewer, slug, request_id)
     rows: list[dict[str, Any]] = []
-    if context["locked"]:
-        await _locked(inbox, "GET /conversations")
-    else:
+    if not await _refused(inbox, context, "GET /conversations"):
         try:
-            rows = await inbox.conversations(filter=filter, query=q.strip(), page=page)
+            async with inbox.page_view("GET /conversations"):
+                rows = await inbox.conversations(filter=filter, query=q.strip(), page=page)
         except AppError as exc:
             context["problem"] = _problem(exc)
     return render(request, viewer, "conversations.html", rows=rows[:PAGE_SIZE], has_next=len(rows) > PAGE_SIZE,
@@ -102,16 +110,18 @@ async def _render_conversation(request, viewer, inbox: Inbox, context: dict[str,
                                *, status_code: int = 200, draft: str = "", send_error: str | None = None) -> Response:
     conversation: dict[str, Any] | None = None
     messages: list[ThreadMessage] = []
-    if context["locked"]:
-        await _locked(inbox, "GET /conversations/{id}")
-    else:
+    refused = context.pop("refused_already", False) or await _refused(inbox, context, "GET /conversations/{id}")
+    if not refused:
         try:
-            conversation = await inbox.conversation(conversation_id)
-            messages = [thread_message(m, conversation.get("contact")) for m in await inbox.messages(conversation_id)]
+            # the conversation and its messages are one page view: one audit event
+            async with inbox.page_view("GET /conversations/{id}"):
+                conversation = await inbox.conversation(conversation_id)
+                messages = [thread_message(m, conversation.get("contact")) for m in await inbox.messages(conversation_id)]
         except AppError as exc:
             context["problem"] = _problem(exc)
     conn = context["connection"]
-    can_send = bool(conn and "messages:write" in scopes.parse(conn.scopes)) and not context["locked"]
+    can_send = (bool(conn and "messages:write" in scopes.parse(conn.scopes)) and not context["locked"]
+                and not context["unconnected"])
     notice = "Message sent." if request.query_params.get("notice") == "sent" else None
     return render(request, viewer, "conversation.html", status_code=status_code, conversation=conversation,
                   conversation_id=conversation_id, messages=messages, can_send=can_send, form_key=new_form_key(),
@@ -136,9 +146,11 @@ async def send_message(
         problem = "Write a message first." if not text else f"A message is at most {MAX_MESSAGE} characters."
         return await _render_conversation(request, viewer, inbox, context, conversation_id, status_code=422,
                                           draft=message[: MAX_MESSAGE * 4], send_error=problem)
-    if context["locked"]:
-        await _locked(inbox, "POST /conversations/{id}/send")
-        return await _render_conversation(request, viewer, inbox, context, conversation_id, status_code=403, draft=text)
+    if context["locked"] or context["unconnected"]:
+        await _refused(inbox, context, "POST /conversations/{id}/send")
+        context["refused_already"] = True
+        return await _render_conversation(request, viewer, inbox, context, conversation_id,
+                                          status_code=409 if context["unconnected"] else 403, draft=text)
     try:
         await inbox.send(conversation_id, text=text, idempotency_key=idempotency_key)
     except AppError as exc:
@@ -163,11 +175,10 @@ async def contacts_page(
     inbox, context = await _setup(request, session, runtime, viewer, slug, request_id)
     rows: list[dict[str, Any]] = []
     last_page = None
-    if context["locked"]:
-        await _locked(inbox, "GET /contacts")
-    else:
+    if not await _refused(inbox, context, "GET /contacts"):
         try:
-            rows, last_page = await inbox.contacts(search=search.strip(), page=page)
+            async with inbox.page_view("GET /contacts"):
+                rows, last_page = await inbox.contacts(search=search.strip(), page=page)
         except AppError as exc:
             context["problem"] = _problem(exc)
     return render(request, viewer, "contacts.html", rows=rows, search=search, page=page,

@@ -1,16 +1,17 @@
-"""The operator's API key pages."""
+"""The operator's API key pages: list, create (the key shown once), revoke (confirmed in the page)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.errors import AppError
-from app.core.models import Tenant
+from app.core.models import ApiKeyTenant, Tenant
 from app.deps import RequestIdDep, SessionDep
 from app.identity import api_keys
 from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_operator, safe_next
@@ -18,18 +19,22 @@ from app.web.viewer import ViewerDep, csrf_protect, redirect, render, require_op
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
 
 
+async def _listing(session: AsyncSession) -> dict[str, Any]:
+    """The keys, and the tenant slugs of each key limited to some tenants (one query for all)."""
+    rows = await api_keys.list_keys(session)
+    scoped: dict[uuid.UUID, list[str]] = {}
+    pairs = await session.execute(
+        select(ApiKeyTenant.api_key_id, Tenant.slug).join(Tenant, Tenant.id == ApiKeyTenant.tenant_id).order_by(Tenant.slug)
+    )
+    for key_id, slug in pairs.all():
+        scoped.setdefault(key_id, []).append(slug)
+    return {"rows": rows, "scoped": scoped}
+
+
 @router.get("/api-keys")
 async def api_keys_page(request: Request, session: SessionDep, viewer: ViewerDep) -> Response:
     require_operator(viewer)
-    rows = await api_keys.list_keys(session)
-    scoped = {}
-    for row in rows:
-        if not row.all_tenants:
-            ids = await api_keys.covered_tenant_ids(session, row) or set()
-            scoped[row.id] = sorted(
-                (await session.scalars(select(Tenant.slug).where(Tenant.id.in_(ids)))).all()
-            )
-    return render(request, viewer, "api_keys.html", rows=rows, scoped=scoped)
+    return render(request, viewer, "api_keys.html", **await _listing(session))
 
 
 @router.post("/api-keys")
@@ -50,8 +55,8 @@ async def create_api_key(
             operator=operator == "yes", actor=viewer.actor(), request_id=request_id,
         )
     except AppError as exc:
-        rows = await api_keys.list_keys(session)
-        return render(request, viewer, "api_keys.html", status_code=exc.status_code, rows=rows, scoped={}, error=exc.message)
+        return render(request, viewer, "api_keys.html", status_code=exc.status_code, error=exc.message,
+                      **await _listing(session))
     back = f"/t/{tenant}#api-keys" if tenant else "/api-keys"
     return render(request, viewer, "key_created.html", key=key, row=row, tenant_slug=tenant or None, back=back)
 

@@ -1,4 +1,10 @@
-"""Who is looking: the signed-in person or connect-link session behind a browser request."""
+"""Who is looking: the signed-in person or connect-link session behind a browser request.
+
+A session at stage ``mfa`` (right password, second factor still due) signs nobody in: its viewer
+has no user and no web session (forms use the pre-sign-in CSRF cookie), only ``pending_user``
+for the code page. Where MFA is required for operators, an operator without it is sent to the
+enrolment on /account from every page but /account, /login and /logout (``MfaEnrolmentRequired``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.audit.audit_log import ACTOR_LINK, ACTOR_USER, Actor
-from app.core.errors import Forbidden, LoginRequired, NotFound, PayloadTooLarge
+from app.connections import links
+from app.core.errors import AppError, Forbidden, LoginRequired, NotFound, PayloadTooLarge
 from app.core.models import Tenant, User, WebSession
 from app.deps import RuntimeDep, SessionDep
 from app.identity import sessions
@@ -27,6 +34,7 @@ class Viewer:
     token: str | None
     anonymous_csrf: str | None = None
     new_anonymous_csrf: bool = False
+    pending_user: User | None = None  # password right, second factor due (a session at stage "mfa")
 
     @property
     def signed_in(self) -> bool:
@@ -57,6 +65,10 @@ class Viewer:
     def actor(self) -> Actor:
         if self.user is not None:
             return Actor(ACTOR_USER, self.user.email)
+        # a link session acts as its connect link (the audit page names the link's tenant and sender);
+        # a session whose link is spent keeps a prefix of its own id
+        if self.web_session is not None and self.web_session.link_id is not None:
+            return Actor(ACTOR_LINK, str(self.web_session.link_id))
         return Actor(ACTOR_LINK, self.web_session.id[:16] if self.web_session else None)
 
     def can_manage(self, tenant: Tenant) -> bool:
@@ -67,16 +79,45 @@ class Viewer:
         return self.can_manage(tenant) or self.link_tenant_id == tenant.id
 
 
+class MfaEnrolmentRequired(AppError):
+    """An operator without MFA where it is required: every page answers a redirect to the enrolment."""
+
+    status_code, code, title = 303, "mfa_enrolment_required", "Set up two-step sign-in"
+    message = "Operators must set up two-step sign-in before they continue."
+
+
+ENROLMENT_URL = "/account#mfa"
+# What an operator who must enrol can still reach: the enrolment itself, and signing in or out.
+_OPEN_WITHOUT_MFA = ("/account", "/login", "/logout")
+
+
+def _open_without_mfa(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in _OPEN_WITHOUT_MFA)
+
+
 async def get_viewer(request: Request, session: SessionDep, runtime: RuntimeDep) -> Viewer:
     settings = runtime.settings
     token = request.cookies.get(sessions.session_cookie_name(settings))
     loaded = await sessions.load(session, settings, token)
+    pending_user: User | None = None
     if loaded is not None:
-        return Viewer(web_session=loaded[0], user=loaded[1], token=token)
+        row, user = loaded
+        if row.stage != sessions.STAGE_MFA:
+            if (
+                user is not None and user.role == "operator" and user.mfa_enabled_at is None
+                and settings.mfa_required_for_operators and not _open_without_mfa(request.url.path)
+                # once per request: the redirect's own page asks who is looking again, for its navigation
+                and not getattr(request.state, "mfa_enrolment_required", False)
+            ):
+                request.state.mfa_enrolment_required = True
+                raise MfaEnrolmentRequired(headers={"Location": ENROLMENT_URL})
+            return Viewer(web_session=row, user=user, token=token)
+        pending_user = user
     existing = request.cookies.get(sessions.csrf_cookie_name(settings))
     if existing and sessions.anonymous_csrf_valid(settings, existing, existing):
-        return Viewer(None, None, None, anonymous_csrf=existing)
-    return Viewer(None, None, None, anonymous_csrf=sessions.new_anonymous_csrf(settings), new_anonymous_csrf=True)
+        return Viewer(None, None, token if pending_user else None, anonymous_csrf=existing, pending_user=pending_user)
+    return Viewer(None, None, token if pending_user else None, anonymous_csrf=sessions.new_anonymous_csrf(settings),
+                  new_anonymous_csrf=True, pending_user=pending_user)
 
 
 ViewerDep = Annotated[Viewer, Depends(get_viewer)]
@@ -137,8 +178,14 @@ def render(request: Request, viewer: Viewer, template: str, status_code: int = 2
     return response
 
 
-async def tenant_for(session, viewer: Viewer, slug: str, *, connect: bool = False) -> Tenant:
-    """The tenant named in the URL, if this viewer may see it; otherwise 404 (no probing)."""
+async def tenant_for(session, viewer: Viewer, slug: str, *, connect: bool = False, finished: bool = False) -> Tenant:
+    """The tenant named in the URL, if this viewer may see it; otherwise 404 (no probing).
+
+    A connect-link session works only while its link does: once the link is revoked, expired or
+    used (by this browser or another), it is refused (410 with the reason) before any page or form;
+    ``finished`` marks the one page a session of a spent link may still see ("connected").
+    """
+
     if viewer.web_session is None:
         raise LoginRequired()
     try:
@@ -148,6 +195,8 @@ async def tenant_for(session, viewer: Viewer, slug: str, *, connect: bool = Fals
     allowed = viewer.can_connect(tenant) if connect else viewer.can_manage(tenant)
     if not allowed:
         raise NotFound("No such tenant.", code="tenant_not_found")
+    if viewer.user is None:
+        await links.check_session(session, viewer.web_session, finished=finished)
     return tenant
 
 

@@ -1,5 +1,6 @@
 """people, links and MFA: connect links spent on completion and revocable, operator invitations,
-password resets, TOTP and recovery codes, the Salesmsg org and user ids of a connection
+password resets, TOTP and recovery codes, the Salesmsg org and user ids of a connection, an
+index for the audit page's actor filter
 
 Revision ID: 0003
 Revises: 0002
@@ -79,9 +80,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("salesmsg_user_id", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("salesmsg_org_id", sa.String(length=64), nullable=True))
         batch.create_index(op.f("ix_connections_salesmsg_org_id"), ["salesmsg_org_id"])
+    op.create_index("ix_audit_log_actor_id_id", "audit_log", ["actor_id", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_log_actor_id_id", table_name="audit_log")
     with op.batch_alter_table("connections") as batch:
         batch.drop_index(op.f("ix_connections_salesmsg_org_id"))
         batch.drop_column("salesmsg_org_id")

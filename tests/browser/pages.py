@@ -79,16 +79,22 @@ class Watch:
         assert [c for c in self.console if "Content Security Policy" in c] == [], self.console
         assert self.console == [], f"console errors or warnings: {self.console}"
         assert self.errors == [], f"uncaught page errors: {self.errors}"
+        assert self.dialogs == [], f"a page opened a dialog (confirmations are in the page): {self.dialogs}"
 
 
 # ---- the steps ----------------------------------------------------------------------------
 
 
-async def login(page: Page, email: str = OPERATOR_EMAIL, password: str = PASSWORD) -> None:
+async def login(page: Page, email: str = OPERATOR_EMAIL, password: str = PASSWORD, *, totp: str | None = None) -> None:
+    """Sign in; with ``totp`` (a code or a recovery code), also the second step that MFA asks for."""
     await page.goto("/login")
     await page.get_by_label("Email").fill(email)
     await page.get_by_label("Password").fill(password)
     await page.get_by_role("button", name="Sign in").click()
+    if totp is not None:
+        await expect(page).to_have_url(re.compile(r"/login/mfa$"))
+        await page.get_by_label("Code").fill(totp)
+        await page.get_by_role("button", name="Verify").click()
     await expect(page).to_have_url(re.compile(r"/tenants$"))
 
 
@@ -104,9 +110,40 @@ async def create_tenant(page: Page, name: str, slug: str, *, hipaa: bool = True)
     await expect(page.get_by_role("status")).to_have_text("Tenant created.")
 
 
-def scope_box(page: Page, scope: str) -> Locator:
-    """The checkbox of one scope on the consent form (the PAT form below has its own)."""
-    return page.locator("#consent-form").get_by_role("checkbox", name=re.compile(rf"^{re.escape(scope)}(\s|$)"))
+class ScopeBox(Locator):
+    """A scope's checkbox on the consent form; ticking it (``check``, ``uncheck``, ``set_checked``,
+    ``click``) first opens the folded group holding it, as a person would. Everything else is the
+    plain Locator, so ``expect(...)`` reads its state even while its group is closed."""
+
+    async def open_group(self) -> None:
+        group = self.locator("xpath=ancestor::details[1]")
+        if await group.count() and not await group.evaluate("(details) => details.open"):
+            await group.locator("summary").click()
+            await expect(group).to_have_attribute("open", "")
+
+    async def check(self, **kwargs) -> None:  # type: ignore[override]
+        await self.open_group()
+        await super().check(**kwargs)
+
+    async def uncheck(self, **kwargs) -> None:  # type: ignore[override]
+        await self.open_group()
+        await super().uncheck(**kwargs)
+
+    async def set_checked(self, checked: bool, **kwargs) -> None:  # type: ignore[override]
+        await self.open_group()
+        await super().set_checked(checked, **kwargs)
+
+    async def click(self, **kwargs) -> None:  # type: ignore[override]
+        await self.open_group()
+        await super().click(**kwargs)
+
+
+def scope_box(page: Page, scope: str) -> ScopeBox:
+    """The checkbox of one scope on the consent form (the PAT form below has its own), found by its
+    value: its accessible name is the plain words, then the scope code. The minimum's boxes are in
+    view; the others sit in a folded group per resource, which ``ScopeBox.check`` opens."""
+    box = page.locator("#consent-form").locator(f'input[type=checkbox][name=scope][value="{scope}"]')
+    return ScopeBox(box._impl_obj)
 
 
 async def approve_at_salesmsg(page: Page, user_id: int) -> None:
@@ -120,7 +157,7 @@ async def connect(page: Page, slug: str, user_id: int, scopes: list[str] = ()) -
     """From the consent page (with the defaults, plus ``scopes``) to our "connected" page."""
     await page.goto(f"/t/{slug}/connect")
     for scope in scopes:
-        await scope_box(page, scope).check()
+        await scope_box(page, scope).check()  # opens the scope's folded group first
     await page.get_by_role("button", name="Continue to Salesmsg").click()
     await approve_at_salesmsg(page, user_id)
     await expect(page).to_have_url(re.compile(rf"/t/{slug}/connected$"))

@@ -13,6 +13,8 @@ from tests.browser.pages import (
     NARROW,
     WIDE,
     Watch,
+    accessibility_violations,
+    assert_accessible,
     connect,
     create_tenant,
     first_conversation,
@@ -55,10 +57,12 @@ async def test_markup_sent_from_salesmsg_shows_as_text_and_never_runs(open_conte
     await expect(thread.locator(".msg.inbound", has_text=SCRIPT)).to_have_count(1)
     await expect(page.locator("#latest")).to_contain_text(HANDLER)
     await expect(thread.locator("script, img")).to_have_count(0)
+    await assert_accessible(page)
     # The conversation list's preview shows the latest message, as text too.
     await page.goto("/t/corner-bakery/conversations?filter=unread")
     await expect(page.locator("#conversation-list .preview", has_text=HANDLER)).to_have_count(1)
     await expect(page.locator("#conversation-list").locator("script, img")).to_have_count(0)
+    await assert_accessible(page)
     await asyncio.sleep(0.3)  # an onerror handler, had it been parsed, would have fired by now
 
     assert operator.dialogs == []
@@ -75,6 +79,9 @@ async def _check_page(page: Page, path: str, width: int, problems: list[str]) ->
     unlabelled = await form_controls_without_label(page)
     if unlabelled:
         problems.append(f"{path} has form controls without a label: {unlabelled}")
+    violations = await accessibility_violations(page)  # assert_accessible, collected with the rest
+    if violations:
+        problems.append(f"{path} at {width}px, axe-core: {violations}")
 
 
 async def test_main_pages_fit_375_and_1440_name_their_controls_and_keep_to_the_csp(open_context, stack):
@@ -104,7 +111,8 @@ async def test_main_pages_fit_375_and_1440_name_their_controls_and_keep_to_the_c
             if width == NARROW:
                 await screenshot(page, "375/" + re.sub(r"\d+", "thread", path.strip("/").replace("/", "_")))
         # Pages that answer a form: a connect link and an API key, each shown once.
-        await page.goto("/t/corner-bakery")
+        await page.goto("/t/corner-bakery/links")
+        await _check_page(page, "/t/corner-bakery/links", width, problems)
         await page.get_by_role("button", name="Create connect link").click()
         await expect(page.get_by_role("heading", level=1)).to_have_text("Connect link")
         await _check_page(page, "connect link (shown once)", width, problems)
@@ -132,12 +140,15 @@ async def test_the_key_controls_work_by_keyboard_alone(open_context, stack):
     await page.goto("/login")
     email, password = page.get_by_label("Email"), page.get_by_label("Password")
     assert await is_focused(email)
+    await assert_accessible(page)
+    assert await is_focused(email)
     await keyboard.type("operator@example.com")
     await keyboard.press("Tab")
     assert await is_focused(password)
     await keyboard.type(PASSWORD)
     await keyboard.press("Enter")
     await expect(page).to_have_url(re.compile(r"/tenants$"))
+    await assert_accessible(page)
 
     # The first Tab shows the skip link; Enter moves the focus to the content.
     skip = page.get_by_role("link", name="Skip to content")
@@ -171,6 +182,7 @@ async def test_the_key_controls_work_by_keyboard_alone(open_context, stack):
     await keyboard.type("keyboard-clinic")
     await keyboard.press("Enter")
     await expect(page).to_have_url(re.compile(r"/t/keyboard-clinic\?notice=created$"))
+    await assert_accessible(page)
 
     # The BAA form: reference, the confirmation checkbox (Space ticks it), the button.
     reference = page.get_by_label("Agreement reference")
@@ -185,11 +197,17 @@ async def test_the_key_controls_work_by_keyboard_alone(open_context, stack):
     assert await is_focused(page.get_by_role("button", name="Record BAA as signed"))
     await keyboard.press("Enter")
     await expect(page.get_by_role("status")).to_contain_text("BAA recorded as signed")
+    await assert_accessible(page)
 
-    # The consent screen: scopes are checkboxes in the tab order; Space ticks; the button is reachable.
+    # The consent screen: a folded group opens with Enter; its scopes are checkboxes in the tab
+    # order; Space ticks; the button is reachable.
     await page.goto("/t/keyboard-clinic/connect")
+    await assert_accessible(page)
+    group = page.locator("#consent-form details", has=page.locator("summary", has_text="Tags")).locator("summary")
+    await tab_to(page, group, limit=80)
+    await keyboard.press("Enter")
     tags = scope_box(page, "tags:read")
-    await tab_to(page, tags, limit=60)
+    await tab_to(page, tags, limit=5)
     assert await focus_ring(tags)
     await keyboard.press("Space")
     await expect(tags).to_be_checked()
@@ -199,6 +217,7 @@ async def test_the_key_controls_work_by_keyboard_alone(open_context, stack):
     await create_tenant(page, "Corner Bakery", "corner-bakery", hipaa=False)
     await connect(page, "corner-bakery", PLAIN_USER)
     await first_conversation(page, "corner-bakery")
+    await assert_accessible(page)
     message = page.get_by_label("Message")
     await tab_to(page, message)
     await keyboard.type("Sent without a mouse.")
@@ -207,5 +226,36 @@ async def test_the_key_controls_work_by_keyboard_alone(open_context, stack):
     await keyboard.press("Enter")
     await expect(page.get_by_role("status")).to_have_text("Message sent.")
     await expect(page.locator("#latest")).to_contain_text("Sent without a mouse.")
+    await assert_accessible(page)
 
     person.assert_clean()
+
+
+async def test_an_api_key_is_revoked_after_a_confirmation_in_the_page(open_context, stack):
+    operator = await open_context(WIDE)
+    page = operator.page
+    await login(page)
+    for name in ("billing-service", "reporting"):
+        await page.goto("/api-keys")
+        await page.get_by_label("Name").fill(name)
+        await page.get_by_role("button", name="Create key").click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text(f"API key “{name}”")
+        await assert_accessible(page)
+    await page.get_by_role("link", name="Done").click()
+    await expect(page).to_have_url(re.compile(r"/api-keys$"))
+    await assert_accessible(page)
+    row = page.locator("#keys-table tbody tr", has_text="billing-service")
+    confirm = row.get_by_role("button", name="Revoke billing-service")
+    await expect(confirm).to_be_hidden()  # the first step only opens the explanation
+    await row.get_by_text("Revoke…").click()
+    await expect(confirm).to_be_visible()
+    await expect(row).to_contain_text("fail at once")
+    await assert_accessible(page)
+    await confirm.click()
+    await expect(page).to_have_url(re.compile(r"/api-keys$"))
+    await expect(page.locator("#keys-table tbody tr", has_text="billing-service")).to_contain_text("revoked")
+    await expect(page.locator("#keys-table tbody tr", has_text="reporting")).to_contain_text("read-write")
+    await expect(page.locator("#keys-table tbody tr", has_text="billing-service").get_by_text("Revoke…")).to_have_count(0)
+    await assert_accessible(page)
+    assert operator.dialogs == []
+    operator.assert_clean()

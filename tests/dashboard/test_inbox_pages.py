@@ -6,8 +6,10 @@ import re
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
+from app.audit.audit_log import Actor
+from app.connections import transitions
 from app.core.models import AuditEntry, Connection
 from tests.support.journeys import (
     HIPAA_USER,
@@ -230,9 +232,81 @@ async def test_seeded_threads_show_each_member_and_automations(runtime, browser,
     assert "You" not in outbound and "Contact" not in outbound
 
 
-async def test_not_connected_tenant_pages_invite_to_connect(runtime, browser):
+def shows_only_the_not_connected_state(html: str, slug: str) -> bool:
+    return (html.count('id="not-connected"') == 1 and f'href="/t/{slug}/connect"' in html and "is not connected" in html
+            and 'role="search"' not in html and 'class="card' not in html and 'id="problem-banner"' not in html
+            and 'id="phi-locked"' not in html)
+
+
+async def test_not_connected_tenant_pages_invite_to_connect(runtime, browser, upstream):
     await make_tenant(runtime, "fresh", hipaa=False)
     await make_user(runtime, "op2@example.com")
     await browser.login("op2@example.com")
-    page = await browser.get("/t/fresh/conversations")
-    assert page.status_code == 200 and "not connected" in page.text and 'href="/t/fresh/connect"' in page.text
+    before = upstream.controls.counters()
+    for path in ("/t/fresh/conversations", "/t/fresh/contacts", "/t/fresh/conversations/5001"):
+        page = await browser.get(path)
+        assert page.status_code == 200 and shows_only_the_not_connected_state(page.text, "fresh"), path
+        assert "ask your operator" not in page.text  # an operator is the one to connect it
+    assert {k: v for k, v in upstream.controls.counters().items() if k.startswith("api.")} == \
+        {k: v for k, v in before.items() if k.startswith("api.")}
+
+
+async def test_a_disconnected_tenant_shows_the_same_state_to_its_org_admin(runtime, live_app, upstream, browser, bakery):
+    async with runtime.db.session() as session:
+        await transitions.disconnected(session, tenant=bakery, actor=Actor.system())
+    async with runtime.db.session() as session:
+        assert (await session.scalar(select(Connection.status).where(Connection.tenant_id == bakery.id))) == "disconnected"
+    await make_user(runtime, "admin@bakery.example", role="org_admin", tenant=bakery)
+    admin = Browser(live_app, upstream.url)
+    try:
+        await admin.login("admin@bakery.example")
+        for path in ("/t/corner-bakery/conversations", "/t/corner-bakery/contacts"):
+            page = await admin.get(path)
+            assert page.status_code == 200 and shows_only_the_not_connected_state(page.text, "corner-bakery"), path
+            assert "ask your operator" in page.text
+    finally:
+        await admin.close()
+
+
+async def test_error_pages_keep_the_navigation_of_who_is_signed_in(runtime, live_app, upstream, browser, bakery):
+    await make_user(runtime, "admin@bakery.example", role="org_admin", tenant=bakery)
+    admin = Browser(live_app, upstream.url)
+    anonymous = Browser(live_app, upstream.url)
+    try:
+        await admin.login("admin@bakery.example")
+        for path in ("/t/no-such-org/conversations", "/no/such/page", "/tenants"):
+            page = await admin.get(path)
+            assert page.status_code in (403, 404), path
+            assert 'role="alert"' in page.text and '<nav aria-label="Main">' in page.text, path
+            assert '<a href="/org">My organization</a>' in page.text and 'href="/audit"' not in page.text, path
+            assert "admin@bakery.example" in page.text and 'action="/logout"' in page.text, path
+        operator_page = await browser.get("/t/no-such-org")
+        assert operator_page.status_code == 404 and '<a href="/audit">Audit log</a>' in operator_page.text
+        bad_query = await browser.get("/t/corner-bakery/conversations?filter=everything")
+        assert bad_query.status_code == 422 and '<a href="/audit">Audit log</a>' in bad_query.text
+        nobody = await anonymous.get("/no/such/page")
+        assert nobody.status_code == 404 and '<nav aria-label="Main">' not in nobody.text
+        assert (await admin.get("/api/v1/tenants")).headers["content-type"].startswith("application/json")
+    finally:
+        await admin.close()
+        await anonymous.close()
+
+
+async def test_a_locked_send_is_refused_with_one_audit_row(runtime, browser, upstream):
+    upstream.controls.set_client_baa("connect-client", True)
+    await connected_tenant(runtime, browser, "acme-clinic", hipaa=True, baa=True, user_id=HIPAA_USER)
+    listing = await browser.get("/t/acme-clinic/conversations")
+    conversation = int(re.search(r'href="/t/acme-clinic/conversations/(\d+)"', listing.text).group(1))
+    thread = await browser.get(f"/t/acme-clinic/conversations/{conversation}")
+    form = {"csrf_token": csrf_of(thread.text), "message": "hello",
+            "idempotency_key": re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', thread.text).group(1)}
+    await browser.post_form("/t/acme-clinic/baa/revoke", {"confirm": "yes"}, csrf_from="/t/acme-clinic")
+    async with runtime.db.session() as session:
+        last = await session.scalar(select(func.max(AuditEntry.id)))
+    answer = await browser.app_client.post(f"/t/acme-clinic/conversations/{conversation}/send", data=form)
+    assert answer.status_code == 403 and "Protected health information is locked" in answer.text
+    assert upstream.controls.counter("api.POST /conversations/{id}/send") == 0
+    async with runtime.db.session() as session:
+        written = (await session.scalars(select(AuditEntry).where(AuditEntry.id > last))).all()
+    assert [(e.action, e.outcome, e.target, e.details) for e in written] == [
+        ("dashboard.phi_access", "denied", "POST /conversations/{id}/send", {"decision": "baa_required"})]

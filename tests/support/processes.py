@@ -21,17 +21,17 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, env: dict[str, str], timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 class Served:
     """A `salesmsg-connect ...` process in the background, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, *args: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, *args: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*CLI, *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*CLI, *args], env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_for(self, url: str, *, status: int = 200, timeout: float = 60) -> httpx.Response:
         deadline = time.monotonic() + timeout
@@ -48,6 +48,16 @@ class Served:
                 last = exc
             time.sleep(0.1)
         raise TimeoutError(f"{url} did not answer {status} (last: {last}):\n{self.log()}")
+
+    def wait_until(self, condition, *, what: str, timeout: float = 60) -> None:
+        """Until ``condition()`` is true while the process runs (checked every 0.1 s)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited with {self.proc.returncode} before {what}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {what} after {timeout} s:\n{self.log()}")
+            time.sleep(0.1)
 
     def log(self) -> str:
         self._log.flush()
