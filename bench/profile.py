@@ -50,6 +50,8 @@ WATCH: dict[str, list[tuple[str | None, str]]] = {
     "logging (structlog, logging), anywhere": [(None, "/structlog/"), (None, "/logging/__init__.py")],
     "metrics (prometheus_client), anywhere": [(None, "/prometheus_client/")],
     "PHI audit writer (app/audit/writer.py: lock, last hash, INSERT)": [(None, "/app/audit/writer.py")],
+    "Salesmsg budget (UpstreamBudget.acquire: the ledger row FOR UPDATE, JSON)": [
+        ("UpstreamBudget.acquire", "/app/proxy/budget.py"), (None, "/app/proxy/budget_stores.py")],
     "dropped access-log line (structlog chain at WARNING)": [("RequestContextMiddleware._log", "/app/core/middleware.py"),
                                                              ("BoundLogger.info", "/structlog/")],
 }

@@ -7,7 +7,7 @@ Settings (environment):
   BENCH_WORKERS=2         worker processes of the app, the bare passthrough and nginx
   BENCH_TENANTS=10000     tenants of the scale test
   BENCH_STAMPEDE=200      concurrent calls of the refresh stampede (on BENCH_STAMPEDE_WORKERS=4 workers)
-  BENCH_ONLY=...          comma-separated subset of: overhead,profile,vault,stampede,scale
+  BENCH_ONLY=...          comma-separated subset of: overhead,fast,profile,vault,stampede,scale
   BENCH_DATABASE_URL      PostgreSQL server (default $SMC_TEST_DATABASE_URL or postgresql://root@127.0.0.1:5432/test);
                           the bench creates its own database there and drops it at the end
   BENCH_OUT=var/bench     where the JSON goes (latest.json and a timestamped copy)
@@ -29,6 +29,7 @@ import time
 import timeit
 import traceback
 import uuid
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ import httpx
 from bench import nginx, profile
 from bench.load import LoadResult, Wrk, median, percentile
 from bench.procs import (
+    Proc,
     Registry,
     connections_per_process,
     cpu_seconds_of_group,
@@ -60,6 +62,8 @@ GOALS = {
     "random_vs_hot": 0.9,
     "tenants_page_p99_ms": 100.0,
     "tenants_api_p99_ms": 100.0,
+    "fast_proxy_cpu_vs_bare": 2.0,
+    "fast_added_p50_ms_unloaded": 1.0,
 }
 
 
@@ -82,7 +86,7 @@ class Config:
     def from_env(cls) -> "Config":
         env = os.environ.get
         only = {s.strip() for s in env("BENCH_ONLY", "").split(",") if s.strip()}
-        known = {"overhead", "profile", "vault", "stampede", "scale"}
+        known = {"overhead", "fast", "profile", "vault", "stampede", "scale"}
         if only - known:
             raise SystemExit(f"bench: BENCH_ONLY takes {','.join(sorted(known))}, not {','.join(sorted(only - known))}")
         server = env("BENCH_DATABASE_URL") or env("SMC_TEST_DATABASE_URL") or "postgresql://root@127.0.0.1:5432/test"
@@ -178,25 +182,96 @@ def machine_info(binaries: dict[str, str]) -> dict:
 
 # -- 1. proxy overhead ----------------------------------------------------------------------------
 
+Targets = dict[str, tuple[str, dict[str, str]]]  # name -> (url, headers)
+
+
+def _start_nginx_proxy(world: World, cfg: Config, binaries: dict[str, str], *, name: str, upstream_port: int) -> tuple[Proc, int]:
+    """The reverse-proxy nginx of bench/nginx.py in front of ``upstream_port``; its own folder ``tmp/name``."""
+    root = world.tmp / name
+    port = free_port()
+    conf = nginx.write_config(root, port=port, upstream_port=upstream_port, token=world.hot_token, workers=cfg.workers)
+    argv = nginx.argv(conf, root)
+    argv[0] = binaries["nginx"]
+    return world.registry.start(name, argv, env=dict(os.environ), cwd=world.tmp, log_dir=world.tmp), port
+
+
+def _start_bare(world: World, cfg: Config, *, name: str, upstream: str) -> tuple[Proc, int]:
+    """bench/passthrough.py (uvicorn, uvloop, httptools) in front of ``upstream`` (an API base URL)."""
+    port = free_port()
+    env = {**world.app_env(), "BENCH_UPSTREAM": upstream, "BENCH_TOKEN": world.hot_token, "PYTHONPATH": str(ROOT)}
+    proc = world.registry.start(
+        name, [sys.executable, "-m", "uvicorn", "bench.passthrough:app", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(cfg.workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+               "--log-level", "warning", "--lifespan", "on"],
+        env=env, cwd=ROOT, log_dir=world.tmp,
+    )
+    return proc, port
+
+
+def _answers(targets: Targets) -> dict[str, dict]:
+    """One GET per target: each must answer 200 with a JSON list. Sizes (bytes, items) per target."""
+    sizes = {}
+    for name, (url, headers) in targets.items():
+        answer = httpx.get(url, headers=headers, timeout=10, trust_env=False)
+        if answer.status_code != 200 or not isinstance(answer.json(), list):
+            raise RuntimeError(f"{name}: {answer.status_code} {answer.text[:300]}")
+        sizes[name] = {"bytes": len(answer.content), "items": len(answer.json()),
+                       "content_type": answer.headers.get("content-type")}
+    return sizes
+
+
+def _warm_up(wrk: Wrk, targets: Targets) -> None:
+    for name, (url, headers) in targets.items():
+        log(f"warm-up {name}")
+        wrk.run(url, headers=headers, seconds=2)
+
+
+def _rounds(cfg: Config, names: list[str], measure: Callable[[str], LoadResult],
+            describe: Callable[[int, str, LoadResult], str]) -> dict[str, list[LoadResult]]:
+    """Every target once per round, side by side, the order rotated by one each round (medians over
+    rounds later). ``measure(name)`` runs one load run; ``describe(round_no, name, result)`` is logged."""
+    runs: dict[str, list[LoadResult]] = {name: [] for name in names}
+    for round_no in range(cfg.rounds):
+        order = names[round_no % len(names):] + names[:round_no % len(names)]
+        for name in order:
+            result = measure(name)
+            runs[name].append(result)
+            log(describe(round_no, name, result))
+    return runs
+
+
+def _max_rounds(wrk: Wrk, cfg: Config, targets: Targets, meter: Callable[[str], "CpuMeter"]) -> dict[str, list[LoadResult]]:
+    """Closed-loop maximum throughput (wrk -tT -cC), every target per round, rotated."""
+    def measure(name: str) -> LoadResult:
+        url, headers = targets[name]
+        return meter(name).run(lambda: wrk.run(url, headers=headers))
+
+    return _rounds(cfg, list(targets), measure, lambda round_no, name, result: (
+        f"round {round_no + 1}/{cfg.rounds} {name:8}: {result.rps:8.0f} req/s  p50 {result.p50_ms:.2f} ms  "
+        f"p99 {result.p99_ms:.2f} ms  non-2xx {result.non_2xx} errors {result.socket_errors}"))
+
+
+def _unloaded(wrk: Wrk, cfg: Config, targets: Targets, meter: Callable[[str], "CpuMeter"]) -> dict[str, LoadResult]:
+    """One connection, one request at a time: the latency of each hop without queueing."""
+    found: dict[str, LoadResult] = {}
+    for name, (url, headers) in targets.items():
+        found[name] = meter(name).run(lambda: wrk.run(url, headers=headers, connections=1, threads=1,
+                                                      seconds=max(3, cfg.seconds / 2)))
+        log(f"unloaded {name:8}: {found[name].rps:.0f} req/s  p50 {found[name].p50_ms:.3f} ms")
+    return found
+
+
+def _unloaded_method(cfg: Config) -> str:
+    return f"wrk -t1 -c1 -d{max(3, cfg.seconds / 2):g}s: one request at a time, no queueing"
+
 
 def overhead(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], results: dict) -> None:
     registry = world.registry
     nginx_root = world.tmp / "nginx"
-    nginx_port, bare_port = free_port(), free_port()
-    conf = nginx.write_config(nginx_root, port=nginx_port, upstream_port=world.emulator_port, token=world.hot_token,
-                              workers=cfg.workers)
-    argv = nginx.argv(conf, nginx_root)
-    argv[0] = binaries["nginx"]
-    log(f"starting nginx on :{nginx_port} and the bare passthrough on :{bare_port} ({cfg.workers} workers each)")
-    nginx_proc = registry.start("nginx", argv, env=dict(os.environ), cwd=world.tmp, log_dir=world.tmp)
-    bare_env = {**world.app_env(), "BENCH_UPSTREAM": world.api_base, "BENCH_TOKEN": world.hot_token, "PYTHONPATH": str(ROOT)}
-    bare = registry.start(
-        "bare", [sys.executable, "-m", "uvicorn", "bench.passthrough:app", "--host", "127.0.0.1", "--port", str(bare_port),
-                 "--workers", str(cfg.workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                 "--log-level", "warning", "--lifespan", "on"],
-        env=bare_env, cwd=ROOT, log_dir=world.tmp,
-    )
-    targets = {
+    nginx_proc, nginx_port = _start_nginx_proxy(world, cfg, binaries, name="nginx", upstream_port=world.emulator_port)
+    bare, bare_port = _start_bare(world, cfg, name="bare", upstream=world.api_base)
+    log(f"started nginx on :{nginx_port} and the bare passthrough on :{bare_port} ({cfg.workers} workers each)")
+    targets: Targets = {
         "direct": (f"{world.api_base}/{PATH}", {"Authorization": f"Bearer {world.hot_token}"}),
         "proxy": (f"{world.app_url}/api/v1/tenants/{HOT_SLUG}/proxy/{PATH}", {"Authorization": f"Bearer {world.api_key}"}),
         "nginx": (f"http://127.0.0.1:{nginx_port}/proxy/{PATH}", {}),
@@ -205,16 +280,9 @@ def overhead(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], resu
     try:
         nginx_proc.wait_http(targets["nginx"][0], timeout=30)
         bare.wait_http(targets["bare"][0], timeout=60)
-        sizes = {}
-        for name, (url, headers) in targets.items():
-            answer = httpx.get(url, headers=headers, timeout=10, trust_env=False)
-            if answer.status_code != 200 or not isinstance(answer.json(), list):
-                raise RuntimeError(f"{name}: {answer.status_code} {answer.text[:300]}")
-            sizes[name] = {"bytes": len(answer.content), "items": len(answer.json())}
+        sizes = _answers(targets)
         log(f"all four answer 200 with {sizes['direct']['items']} items ({sizes['direct']['bytes']} bytes)")
-        for name, (url, headers) in targets.items():
-            log(f"warm-up {name}")
-            wrk.run(url, headers=headers, seconds=2)
+        _warm_up(wrk, targets)
         assert world.emulator is not None and world.app is not None
         groups = {"direct": None, "proxy": world.app.pid, "nginx": nginx_proc.pid, "bare": bare.pid}
 
@@ -224,47 +292,32 @@ def overhead(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], resu
                 chosen["target"] = groups[name]
             return CpuMeter(world, chosen)
 
-        runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
         names = list(targets)
-        for round_no in range(cfg.rounds):
-            order = names[round_no % len(names):] + names[:round_no % len(names)]
-            for name in order:
-                url, headers = targets[name]
-                result = meter(name).run(lambda: wrk.run(url, headers=headers))
-                runs[name].append(result)
-                log(f"round {round_no + 1}/{cfg.rounds} {name:6}: {result.rps:8.0f} req/s  p50 {result.p50_ms:.2f} ms  "
-                    f"p99 {result.p99_ms:.2f} ms  non-2xx {result.non_2xx} errors {result.socket_errors}")
+        runs = _max_rounds(wrk, cfg, targets, meter)
         summary = {name: _summary(rs) for name, rs in runs.items()}
         proxy_rps = summary["proxy"]["rps"]
         ratios = {f"proxy_vs_{n}": round(proxy_rps / summary[n]["rps"], 3) for n in ("direct", "nginx", "bare")}
         paired = {f"proxy_vs_{n}": [round(p.rps / o.rps, 3) for p, o in zip(runs["proxy"], runs[n], strict=False)]
                   for n in ("direct", "nginx", "bare")}
-        # Unloaded: one connection, one request at a time: the latency of each hop without queueing.
-        unloaded: dict[str, LoadResult] = {}
-        for name in names:
-            url, headers = targets[name]
-            unloaded[name] = meter(name).run(lambda: wrk.run(url, headers=headers, connections=1, threads=1,
-                                                             seconds=max(3, cfg.seconds / 2)))
-            log(f"unloaded {name:6}: {unloaded[name].rps:.0f} req/s  p50 {unloaded[name].p50_ms:.3f} ms")
+        unloaded = _unloaded(wrk, cfg, targets, meter)
         # Added latency at half of the proxy's maximum: the same fixed arrival rate against the
         # emulator and through the proxy.
         rate = max(10, round(proxy_rps / 2))
         per_thread = rate / cfg.threads
-        paced: dict[str, list[LoadResult]] = {name: [] for name in targets}
-        for round_no in range(cfg.rounds):
-            order = names[round_no % len(names):] + names[:round_no % len(names)]
-            for name in order:
-                url, headers = targets[name]
-                result = meter(name).run(lambda: wrk.run(url, headers=headers, script="paced", args=[f"{per_thread:.3f}"]))
-                paced[name].append(result)
-                log(f"paced {rate} req/s {name:6}: got {result.rps:.0f} req/s  p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.2f} ms")
+
+        def paced_run(name: str) -> LoadResult:
+            url, headers = targets[name]
+            return meter(name).run(lambda: wrk.run(url, headers=headers, script="paced", args=[f"{per_thread:.3f}"]))
+
+        paced = _rounds(cfg, names, paced_run, lambda _round, name, result: (
+            f"paced {rate} req/s {name:6}: got {result.rps:.0f} req/s  p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.2f} ms"))
         paced_summary = {name: _summary(rs) for name, rs in paced.items()}
         added = round(paced_summary["proxy"]["p50_ms"] - paced_summary["direct"]["p50_ms"], 3)
         added_by = {name: round(paced_summary[name]["p50_ms"] - paced_summary["direct"]["p50_ms"], 3)
                     for name in ("proxy", "nginx", "bare")}
         results["overhead"] = {
             "request": f"GET /{PATH}",
-            "response": sizes["direct"],
+            "response": {k: sizes["direct"][k] for k in ("bytes", "items")},
             "load": f"wrk -t{cfg.threads} -c{cfg.connections} -d{cfg.seconds:g}s, {cfg.rounds} round(s), order rotated; medians",
             "targets": summary,
             "ratios": ratios,
@@ -279,7 +332,7 @@ def overhead(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], resu
                 "added_p50_ms_by_target": added_by,
             },
             "unloaded": {
-                "method": f"wrk -t1 -c1 -d{max(3, cfg.seconds / 2):g}s: one request at a time, no queueing",
+                "method": _unloaded_method(cfg),
                 "targets": {name: _summary([r]) for name, r in unloaded.items()},
                 "added_p50_ms_by_target": {name: round(unloaded[name].p50_ms - unloaded["direct"].p50_ms, 3)
                                            for name in ("proxy", "nginx", "bare")},
@@ -290,6 +343,133 @@ def overhead(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], resu
         registry.stop(bare)
         if Path(nginx_root / "nginx.pid").exists():
             log("warning: nginx left its pid file behind")
+
+
+# -- 1b. the proxy hop against a fast upstream ----------------------------------------------------
+
+FAST_PATH = "/pub/v2.2/conversations"
+
+
+def fast(world: World, wrk: Wrk, cfg: Config, binaries: dict[str, str], results: dict, *, restore: bool) -> None:
+    """The hop alone: the emulator's answer recorded once and served by a static nginx (a few us of
+    CPU per request), with the upstream alone, nginx, the bare passthrough and our proxy in front of
+    it. The app is restarted pointed at that upstream, and back at the emulator after (``restore``)."""
+    registry = world.registry
+    root = world.tmp / "fast"
+    root.mkdir(parents=True, exist_ok=True)
+    # 1. The emulator's answer, once, with the hot tenant's token.
+    recorded = httpx.get(f"{world.api_base}/{PATH}", headers={"Authorization": f"Bearer {world.hot_token}"}, timeout=10,
+                         trust_env=False)
+    if recorded.status_code != 200:
+        raise RuntimeError(f"recording the emulator's answer: {recorded.status_code} {recorded.text[:300]}")
+    content_type = recorded.headers.get("content-type", "application/json")
+    body = root / "conversations.body"
+    body.write_bytes(recorded.content)
+    log(f"recorded the emulator's answer: {len(recorded.content)} bytes, {content_type}")
+    emulator_before = world.counters()  # nothing may reach the emulator from here on (no refresh, no API call)
+    # 2. The fast upstream, then nginx and the bare passthrough in front of it.
+    upstream_root = root / "upstream"
+    upstream_port = free_port()
+    conf = nginx.write_static_config(upstream_root, port=upstream_port, path=FAST_PATH, body=body, content_type=content_type,
+                                     workers=cfg.workers)
+    argv = nginx.argv(conf, upstream_root)
+    argv[0] = binaries["nginx"]
+    upstream = registry.start("fast-upstream", argv, env=dict(os.environ), cwd=world.tmp, log_dir=world.tmp)
+    fast_base = f"http://127.0.0.1:{upstream_port}/pub/v2.2"
+    procs: list[Proc] = [upstream]
+    try:
+        upstream.wait_http(f"{fast_base}/{PATH}", timeout=30)
+        nginx_proc, nginx_port = _start_nginx_proxy(world, cfg, binaries, name="fast-nginx", upstream_port=upstream_port)
+        procs.append(nginx_proc)
+        bare, bare_port = _start_bare(world, cfg, name="fast-bare", upstream=fast_base)
+        procs.append(bare)
+        log(f"fast upstream on :{upstream_port}, nginx on :{nginx_port}, bare passthrough on :{bare_port}; "
+            "restarting the app against the fast upstream")
+        # 3. Our app against the fast upstream: same port, database, tenant (its token stays valid) and API key.
+        world.stop_app()
+        app = world.start_app(cfg.workers, name="app-fast", app_tree=cfg.app_tree, extra_env={"SMC_SALESMSG_API_BASE": fast_base})
+        targets: Targets = {
+            "upstream": (f"{fast_base}/{PATH}", {"Authorization": f"Bearer {world.hot_token}"}),
+            "nginx": (f"http://127.0.0.1:{nginx_port}/proxy/{PATH}", {}),
+            "bare": (f"http://127.0.0.1:{bare_port}/proxy/{PATH}", {}),
+            "proxy": (f"{world.app_url}/api/v1/tenants/{HOT_SLUG}/proxy/{PATH}", {"Authorization": f"Bearer {world.api_key}"}),
+        }
+        nginx_proc.wait_http(targets["nginx"][0], timeout=30)
+        bare.wait_http(targets["bare"][0], timeout=60)
+        sizes = _answers(targets)
+        for name, size in sizes.items():
+            if size["bytes"] != len(recorded.content):
+                log(f"warning: {name} answers {size['bytes']} bytes, the recorded answer has {len(recorded.content)}")
+        log(f"all four answer 200 with {sizes['upstream']['items']} items ({sizes['upstream']['bytes']} bytes)")
+        _warm_up(wrk, targets)
+        # 4. Side by side, rotated; CPU of the target, of the fast upstream and of PostgreSQL's backends.
+        groups = {"upstream": None, "nginx": nginx_proc.pid, "bare": bare.pid, "proxy": app.pid}
+
+        def meter(name: str) -> CpuMeter:
+            chosen = {"upstream": upstream.pid}
+            if groups[name] is not None:
+                chosen["target"] = groups[name]
+            return CpuMeter(world, chosen)
+
+        runs = _max_rounds(wrk, cfg, targets, meter)
+        summary = {name: _summary(rs) for name, rs in runs.items()}
+        unloaded = _unloaded(wrk, cfg, targets, meter)
+        for name, result in unloaded.items():
+            summary[name]["unloaded_p50_ms"] = round(result.p50_ms, 3)
+            summary[name]["added_p50_ms_unloaded"] = round(result.p50_ms - unloaded["upstream"].p50_ms, 3)
+
+        def hop_cpu(result: LoadResult | dict, name: str) -> float:
+            cpu = result.cpu_us_per_request if isinstance(result, LoadResult) else result["cpu_us_per_request"]
+            # the proxy's hop includes its PostgreSQL work; nginx and the bare passthrough have none
+            return cpu.get("target", 0.0) + (cpu.get("postgres", 0.0) if name == "proxy" else 0.0)
+
+        proxy_cpu, bare_cpu = hop_cpu(summary["proxy"], "proxy"), hop_cpu(summary["bare"], "bare")
+        cpu_ratio = round(proxy_cpu / bare_cpu, 3) if bare_cpu else None
+        cpu_ratio_per_round = [round(hop_cpu(p, "proxy") / hop_cpu(b, "bare"), 3) if hop_cpu(b, "bare") else None
+                               for p, b in zip(runs["proxy"], runs["bare"], strict=False)]
+        proxy_rps = summary["proxy"]["rps"]
+        results["fast"] = {
+            "request": f"GET /{PATH}",
+            "upstream": {
+                "what": (f"nginx ({cfg.workers} workers, static) answering GET {FAST_PATH} (any query) with the emulator's "
+                         "recorded answer: 200, its body and Content-Type"),
+                "api_base": fast_base,
+                "content_type": content_type,
+                "bytes": len(recorded.content),
+                "items": sizes["upstream"]["items"],
+            },
+            "load": f"wrk -t{cfg.threads} -c{cfg.connections} -d{cfg.seconds:g}s, {cfg.rounds} round(s), order rotated; medians",
+            "targets": summary,
+            "ratios": {f"proxy_vs_{n}": round(proxy_rps / summary[n]["rps"], 3) for n in ("upstream", "nginx", "bare")},
+            "cpu_us_per_request": {"proxy_incl_postgres": round(proxy_cpu, 1), "bare": round(bare_cpu, 1),
+                                   "nginx": summary["nginx"]["cpu_us_per_request"].get("target", 0.0)},
+            "proxy_cpu_vs_bare": cpu_ratio,
+            "proxy_cpu_vs_bare_per_round": cpu_ratio_per_round,
+            "unloaded": {
+                "method": _unloaded_method(cfg),
+                "targets": {name: _summary([r]) for name, r in unloaded.items()},
+                "added_p50_ms_by_target": {name: summary[name]["added_p50_ms_unloaded"] for name in ("nginx", "bare", "proxy")},
+            },
+            "added_p50_ms_unloaded": summary["proxy"]["added_p50_ms_unloaded"],
+        }
+        emulator_after = world.counters()
+        reached = {k: v - emulator_before.get(k, 0) for k, v in emulator_after.items() if v != emulator_before.get(k, 0)}
+        results["fast"]["emulator_counters_delta"] = reached
+        log(f"fast: proxy CPU/request incl. PostgreSQL {proxy_cpu:.0f} us vs bare {bare_cpu:.0f} us (x{cpu_ratio}); "
+            f"added p50 unloaded {summary['proxy']['added_p50_ms_unloaded']:.3f} ms")
+        failing = {name: (t["non_2xx"] + t["socket_errors"], unloaded[name].non_2xx + unloaded[name].socket_errors)
+                   for name, t in summary.items()
+                   if t["non_2xx"] + t["socket_errors"] + unloaded[name].non_2xx + unloaded[name].socket_errors}
+        if failing:  # the figures are kept in the JSON; the run counts as failed
+            raise RuntimeError(f"fast: errors (loaded, unloaded) per target: {failing}")
+        if reached:
+            raise RuntimeError(f"fast: calls reached the emulator during the section: {reached}")
+    finally:
+        world.stop_app()
+        for proc in reversed(procs):
+            registry.stop(proc)
+    if restore:  # later sections run against the emulator
+        world.start_app(cfg.workers, app_tree=cfg.app_tree)
 
 
 class CpuMeter:
@@ -687,7 +867,7 @@ def verdict(value: float | None, goal: float, *, at_least: bool) -> str:
 
 def goals_of(results: dict) -> list[dict]:
     rows = []
-    o, s, sc = results.get("overhead"), results.get("stampede"), results.get("scale")
+    o, f, s, sc = results.get("overhead"), results.get("fast"), results.get("stampede"), results.get("scale")
     if o:
         for name in ("direct", "nginx", "bare"):
             key = f"proxy_vs_{name}"
@@ -696,6 +876,13 @@ def goals_of(results: dict) -> list[dict]:
         added = o["half_load"]["added_p50_ms"]
         rows.append({"goal": f"added p50 at half load <= {GOALS['added_p50_ms_at_half_load']} ms", "value": added,
                      "verdict": verdict(added, GOALS["added_p50_ms_at_half_load"], at_least=False)})
+    if f:
+        goal = GOALS["fast_proxy_cpu_vs_bare"]
+        rows.append({"goal": f"fast upstream: proxy CPU/request incl. PostgreSQL / bare CPU/request <= {goal}",
+                     "value": f["proxy_cpu_vs_bare"], "verdict": verdict(f["proxy_cpu_vs_bare"], goal, at_least=False)})
+        goal = GOALS["fast_added_p50_ms_unloaded"]
+        rows.append({"goal": f"fast upstream: proxy's added p50 unloaded <= {goal} ms", "value": f["added_p50_ms_unloaded"],
+                     "verdict": verdict(f["added_p50_ms_unloaded"], goal, at_least=False)})
     if s:
         ok = s["refreshes_at_emulator"] == 1 and s["statuses"] == {"200": s["calls"]}
         rows.append({"goal": "exactly one refresh in the stampede (and every call 200)", "value": s["refreshes_at_emulator"],
@@ -709,6 +896,32 @@ def goals_of(results: dict) -> list[dict]:
             rows.append({"goal": f"{label} p99 < 100 ms at {sc['tenants']} tenants", "value": value,
                          "verdict": verdict(value, GOALS[f"{key}_p99_ms"] - 1e-9, at_least=False)})
     return rows
+
+
+def _fast_table(f: dict) -> list[str]:
+    u = f["upstream"]
+    labels = {"upstream": "fast upstream alone (static nginx)", "nginx": "nginx reverse proxy",
+              "bare": "bare passthrough (ASGI + aiohttp)", "proxy": "our proxy (serve, PostgreSQL)"}
+    lines = [f"1b. Proxy hop against a fast upstream: {f['request']} answered by nginx from the emulator's recorded answer "
+             f"({u['items']} items, {u['bytes']} bytes, {u['content_type']}); {f['load']}; unloaded: wrk -t1 -c1",
+             "",
+             "| target | req/s | p50 ms | p99 ms | errors | CPU us/req target | upstream | postgres | unloaded p50 ms "
+             "| added p50 unloaded ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, label in labels.items():
+        t = f["targets"][name]
+        c = t["cpu_us_per_request"]
+        target = f"{c['target']:.0f}" if "target" in c else "-"
+        added = f"{t['added_p50_ms_unloaded']:.3f}" if name != "upstream" else "-"
+        lines.append(f"| {label} | {t['rps']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['non_2xx'] + t['socket_errors']} "
+                     f"| {target} | {c.get('upstream', 0):.0f} | {c.get('postgres', 0):.0f} | {t['unloaded_p50_ms']:.3f} | {added} |")
+    cpu, r = f["cpu_us_per_request"], f["ratios"]
+    lines += ["",
+              f"   proxy CPU/request incl. PostgreSQL {cpu['proxy_incl_postgres']:.0f} us vs bare {cpu['bare']:.0f} us: "
+              f"x{f['proxy_cpu_vs_bare']} (per round {f['proxy_cpu_vs_bare_per_round']}); nginx {cpu['nginx']:.0f} us",
+              f"   throughput proxy/upstream {r['proxy_vs_upstream']:.2f}   proxy/nginx {r['proxy_vs_nginx']:.2f}   "
+              f"proxy/bare {r['proxy_vs_bare']:.2f}; added p50 unloaded: proxy {f['added_p50_ms_unloaded']:.3f} ms", ""]
+    return lines
 
 
 def table(results: dict) -> str:
@@ -753,6 +966,9 @@ def table(results: dict) -> str:
                      f"nginx {t['nginx']['cpu_us_per_request'].get('target', 0):.0f}, "
                      f"bare {t['bare']['cpu_us_per_request'].get('target', 0):.0f}")
         lines.append("")
+    f = results.get("fast")
+    if f:
+        lines += _fast_table(f)
     s = results.get("stampede")
     if s:
         lines += [f"2. Refresh stampede: {s['calls']} concurrent calls on an expired token, {s['workers']} workers "
@@ -835,7 +1051,7 @@ def main() -> int:
     try:
         if "vault" in cfg.only:
             vault(results)
-        needs_world = cfg.only & {"overhead", "profile", "stampede", "scale"}
+        needs_world = cfg.only & {"overhead", "fast", "profile", "stampede", "scale"}
         if needs_world:
             world = World(tmp=tmp, registry=registry, server_url=cfg.server_url, tenants=cfg.tenants, workers=cfg.workers)
             world.create_database()
@@ -845,6 +1061,8 @@ def main() -> int:
             world.create_api_key()
             if "overhead" in cfg.only:
                 overhead(world, wrk, cfg, binaries, results)
+            if "fast" in cfg.only:
+                fast(world, wrk, cfg, binaries, results, restore=bool(cfg.only & {"profile", "stampede", "scale"}))
             if "profile" in cfg.only:
                 profile_proxy(world, wrk, cfg, results, cfg.out, stamp)
             if "stampede" in cfg.only:

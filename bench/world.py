@@ -198,10 +198,13 @@ class World:
             raise RuntimeError(f"salesmsg-connect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done.stdout
 
-    def start_app(self, workers: int, *, name: str = "app", app_tree: Path | None = None) -> Proc:
-        """``salesmsg-connect serve --workers N``, as production runs it (uvicorn, uvloop, httptools)."""
-        log(f"starting the app: serve --workers {workers} on :{self.app_port}")
-        env = self.app_env()
+    def start_app(self, workers: int, *, name: str = "app", app_tree: Path | None = None,
+                  extra_env: dict[str, str] | None = None) -> Proc:
+        """``salesmsg-connect serve --workers N``, as production runs it (uvicorn, uvloop, httptools);
+        ``extra_env`` overrides settings (the ``fast`` section points SMC_SALESMSG_API_BASE elsewhere)."""
+        log(f"starting the app: serve --workers {workers} on :{self.app_port}"
+            + (f" ({', '.join(f'{k}={v}' for k, v in extra_env.items())})" if extra_env else ""))
+        env = self.app_env(**(extra_env or {}))
         if app_tree is None:
             argv = [str(BIN / "salesmsg-connect"), "serve", "--port", str(self.app_port), "--workers", str(workers)]
         else:  # a scratch copy of app/ (bench.compare): same command, another package on the path
