@@ -11,6 +11,7 @@ Settings (environment):
   BENCH_DATABASE_URL      PostgreSQL server (default $SMC_TEST_DATABASE_URL or postgresql://root@127.0.0.1:5432/test);
                           the bench creates its own database there and drops it at the end
   BENCH_OUT=var/bench     where the JSON goes (latest.json and a timestamped copy)
+  BENCH_BUDGET=1000000000 the app's SMC_UPSTREAM_BUDGET_PER_MINUTE (0: the budget off)
   BENCH_APP_TREE=DIR      serve a modified copy of app/ (DIR/app) instead of this checkout's
 """
 
@@ -1040,7 +1041,7 @@ def main() -> int:
                    "app_tree": str(cfg.app_tree) if cfg.app_tree else "this checkout"},
         "app_run_as": ("salesmsg-connect serve --workers N (uvicorn, uvloop, httptools) on PostgreSQL, SMC_ENV=development, "
                        "SMC_LOG_LEVEL=WARNING, SMC_RATE_LIMIT_PER_KEY/_PER_TENANT=1000000/minute, in-memory rate limits, "
-                       "SMC_UPSTREAM_BUDGET_PER_MINUTE=1000000000 (the budget's ledger in PostgreSQL on every call); "
+                       f"SMC_UPSTREAM_BUDGET_PER_MINUTE={os.environ.get('BENCH_BUDGET', '1000000000')} (above 0: the budget's ledger in PostgreSQL on every call); "
                        "emulator: python -m salesmsg_emulator --config (rate_limit_per_minute 0, controls on)"),
     }
     registry = Registry()

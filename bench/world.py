@@ -112,7 +112,7 @@ class World:
             SMC_RATE_LIMIT_PER_KEY="1000000/minute",
             SMC_RATE_LIMIT_PER_TENANT="1000000/minute",
             # the budget's ledger is on the measured path, its limit never binds (a bench is no Salesmsg)
-            SMC_UPSTREAM_BUDGET_PER_MINUTE="1000000000",
+            SMC_UPSTREAM_BUDGET_PER_MINUTE=os.environ.get("BENCH_BUDGET", "1000000000"),
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)
