@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CONFIG = """\
+# What every nginx of the bench shares: foreground, its own pid, logs and temp files in ``root``.
+_PREAMBLE = """\
 worker_processes {workers};
 daemon off;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
 {user_line}
 events {{
-    worker_connections 1024;
+    worker_connections {connections};
 }}
 
 http {{
@@ -36,6 +37,9 @@ http {{
     uwsgi_temp_path {root}/tmp/uwsgi;
     scgi_temp_path {root}/tmp/scgi;
     keepalive_requests 1000000;
+"""
+
+CONFIG = _PREAMBLE.replace("{connections}", "1024") + """\
 
     upstream emulator {{
         server 127.0.0.1:{upstream_port};
@@ -56,34 +60,21 @@ http {{
 """
 
 
-def write_config(root: Path, *, port: int, upstream_port: int, token: str, workers: int) -> Path:
+def _user_line(root: Path) -> str:
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     # As root, nginx's workers run as "nobody" unless told otherwise; let them use the temp folder.
-    user_line = "user root;" if os.geteuid() == 0 else ""
+    return "user root;" if os.geteuid() == 0 else ""
+
+
+def write_config(root: Path, *, port: int, upstream_port: int, token: str, workers: int) -> Path:
+    user_line = _user_line(root)
     path = root / "nginx.conf"
     path.write_text(CONFIG.format(root=root, port=port, upstream_port=upstream_port, token=token, workers=workers,
                                   user_line=user_line))
     return path
 
 
-STATIC_CONFIG = """\
-worker_processes {workers};
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-{user_line}
-events {{
-    worker_connections 4096;
-}}
-
-http {{
-    access_log off;
-    client_body_temp_path {root}/tmp/body;
-    proxy_temp_path {root}/tmp/proxy;
-    fastcgi_temp_path {root}/tmp/fastcgi;
-    uwsgi_temp_path {root}/tmp/uwsgi;
-    scgi_temp_path {root}/tmp/scgi;
-    keepalive_requests 1000000;
+STATIC_CONFIG = _PREAMBLE.replace("{connections}", "4096") + """\
     keepalive_timeout 75s;
     sendfile on;
     tcp_nopush on;
@@ -112,8 +103,7 @@ def write_static_config(root: Path, *, port: int, path: str, body: Path, content
     """The fast upstream: ``GET {path}`` (any query) answers 200, ``body``'s bytes, ``content_type``."""
     if '"' in content_type or "\\" in content_type or not path.startswith("/"):
         raise ValueError(f"cannot put {content_type!r} / {path!r} in an nginx config")
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    user_line = "user root;" if os.geteuid() == 0 else ""
+    user_line = _user_line(root)
     config = root / "nginx.conf"
     config.write_text(STATIC_CONFIG.format(root=root, port=port, path=path, body=body.resolve(), content_type=content_type,
                                            workers=workers, user_line=user_line))

@@ -62,9 +62,14 @@ class Inbox:
         if self._view is not None:
             self._view.append({"call": target, "scope": endpoint_scope, "outcome": outcome, **details})
             return
+        await self.record_view(target, outcome, {"scope": endpoint_scope, **details})
+
+    async def record_view(self, target: str, outcome: str, details: dict[str, Any]) -> None:
+        """The ``dashboard.phi_access`` audit event of one view or send (also of a page refused
+        before it asked Salesmsg anything)."""
         await audit_log.record(
             self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
-            target=target, request_id=self.request_id or None, details={"scope": endpoint_scope, **details},
+            target=target, request_id=self.request_id or None, details=details,
         )
 
     @asynccontextmanager
@@ -88,10 +93,7 @@ class Inbox:
                 details: dict[str, Any] = {"scope": sorted({c["scope"] for c in calls}), "calls": calls}
                 if len(calls) == 1:  # the same shape as a single call's record
                     details = {k: v for k, v in calls[0].items() if k != "call"}
-                await audit_log.record(
-                    self.session, "dashboard.phi_access", self.actor, outcome=outcome, tenant_id=self.tenant.id,
-                    target=target, request_id=self.request_id or None, details=details,
-                )
+                await self.record_view(target, outcome, details)
 
     async def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes = b"",
                     idempotency_key: str | None = None, access: TenantAccess | None = None) -> Any:

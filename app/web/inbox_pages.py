@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
 
-from app.audit import audit_log
 from app.connections import policy, scopes
 from app.connections.store import get_connection
 from app.connections.view import DISCONNECTED, TenantAccess
@@ -63,8 +62,7 @@ async def _refused(inbox: Inbox, context: dict[str, Any], target: str) -> bool:
     decision = "not_connected" if context["unconnected"] else "baa_required" if context["locked"] else None
     if decision is None:
         return False
-    await audit_log.record(inbox.session, "dashboard.phi_access", inbox.actor, outcome="denied", tenant_id=inbox.tenant.id,
-                           target=target, request_id=inbox.request_id or None, details={"decision": decision})
+    await inbox.record_view(target, "denied", {"decision": decision})
     return True
 
 
