@@ -17,6 +17,7 @@ from app.core.settings import Settings
 from app.identity.key_usage import UsageRecorder
 from app.proxy.budget import UpstreamBudget
 from app.proxy.budget_stores import budget_store
+from app.proxy.grant_cache import GrantCache, GrantChannel
 from app.proxy.grants import GrantLookup
 from app.proxy.handler import Proxy
 from app.proxy.idempotency import Idempotency
@@ -60,6 +61,7 @@ class Runtime:
     proxy: Proxy
     upstream: Upstream
     idempotency: Idempotency
+    grant_channel: GrantChannel | None = None
     worker: Worker | None = field(default=None)
 
     @classmethod
@@ -77,8 +79,13 @@ class Runtime:
         upstream = Upstream(settings=settings, http=http, refresher=refresher, budget=budget)
         idempotency = Idempotency(db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
                                   wait_seconds=settings.salesmsg_timeout_seconds + 5)
+        grant_cache = grant_channel = None
+        if db.is_postgres and settings.grant_cache:
+            grant_cache = GrantCache()
+            grant_cache.watch_engine(db.engine)
+            grant_channel = GrantChannel.for_engine(grant_cache, db.engine)
         proxy = Proxy(
-            settings=settings, grants=GrantLookup(db), upstream=upstream, idempotency=idempotency, data_keys=data_keys,
+            settings=settings, grants=GrantLookup(db, cache=grant_cache), upstream=upstream, idempotency=idempotency, data_keys=data_keys,
             audit_writer=audit_writer, usage=usage, rate_limits=rate_limits, traced=tracing.active(),
         )
         runtime = cls(
@@ -95,7 +102,10 @@ class Runtime:
             proxy=proxy,
             upstream=upstream,
             idempotency=idempotency,
+            grant_channel=grant_channel,
         )
+        if grant_channel is not None:
+            grant_channel.start()
         audit_writer.start()
         usage.start()
         return runtime
@@ -111,6 +121,8 @@ class Runtime:
     async def stop(self) -> None:
         if self.worker is not None:
             await self.worker.stop()
+        if self.grant_channel is not None:
+            await self.grant_channel.stop()
         await self.usage.stop()
         await self.idempotency.close()
         await self.audit_writer.stop()

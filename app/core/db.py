@@ -18,6 +18,10 @@ from sqlalchemy.ext.asyncio import (
 
 from app.core.settings import Settings
 
+# execution option of a write that cannot change a proxy grant (app.proxy.grant_cache): the key usage
+# recorder's last_used_at; every other write to a grant's tables empties this process's grant cache
+GRANTS_UNAFFECTED = "smc_grants_unaffected"
+
 
 def create_engine(settings: Settings) -> AsyncEngine:
     """Build the engine for ``SMC_DATABASE_URL``; SQLite gets WAL, foreign keys and a busy timeout."""

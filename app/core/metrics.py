@@ -40,6 +40,12 @@ REDIS_FALLBACK = Gauge(
     ["use"], multiprocess_mode="max",
 )
 BUDGET_LOCKOUTS = Counter("smc_upstream_budget_lockouts_total", "Salesmsg 429s that locked a budget for its lockout")
+GRANT_CACHE = Counter(
+    "smc_grant_cache_total", "Proxy grant lookups: hit, miss (read from the database), bypass (the cache cannot prove it is fresh)",
+    ["outcome"],
+)
+GRANT_CHANNEL_UP = Gauge("smc_grant_channel_up", "1 while this process listens for grant changes (its cache may serve)",
+                         multiprocess_mode="min")
 WEBHOOKS = Counter("smc_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
 
 

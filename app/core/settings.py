@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     proxy_retry_base_seconds: float = Field(default=0.2, ge=0)
     proxy_retry_after_cap_seconds: float = Field(default=10.0, ge=0)
     idempotency_ttl_hours: int = Field(default=24, ge=1)
+    # PostgreSQL only: keep the proxy's grant rows in memory while LISTEN/NOTIFY proves them fresh
+    # (``app.proxy.grant_cache``: other processes' changes seen within 100 ms, this process's at once)
+    grant_cache: bool = True
     rate_limit_per_key: str = "600/minute"
     rate_limit_per_tenant: str = "120/minute"
     redis_url: str | None = None

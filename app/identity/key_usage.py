@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
 
-from app.core.db import Database
+from app.core.db import GRANTS_UNAFFECTED, Database
 from app.core.logs import get_logger
 from app.core.models import ApiKey
 
@@ -22,10 +22,14 @@ class UsageRecorder:
         self.db = db
         self.interval = interval
         self._pending: dict[uuid.UUID, datetime] = {}
+        self._written: dict[uuid.UUID, datetime] = {}  # what this process recorded (a cached grant's is older)
         self._task: asyncio.Task[None] | None = None
 
     def touch(self, key_id: uuid.UUID, last_used_at: datetime | None) -> None:
         now = datetime.now(UTC)
+        written = self._written.get(key_id)
+        if written is not None and (last_used_at is None or written > last_used_at):
+            last_used_at = written
         if last_used_at is None or now - last_used_at >= _RESOLUTION:
             self._pending[key_id] = now
 
@@ -38,8 +42,11 @@ class UsageRecorder:
                 for key_id, when in pending.items():
                     await session.execute(
                         update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when)
-                        .execution_options(synchronize_session=False)
+                        .execution_options(synchronize_session=False, **{GRANTS_UNAFFECTED: True})
                     )
+            if len(self._written) > 100_000:
+                self._written.clear()
+            self._written.update(pending)
         except Exception:  # noqa: BLE001 - last-use times are advisory; never fail a request for them
             log.warning("could not record API key use", keys=len(pending))
 

@@ -29,8 +29,9 @@ per OAuth app). The gateway keeps every budget under its limit itself:
 
 The ledger lives in PostgreSQL (one row, locked for the update) or in Redis when
 ``SMC_REDIS_URL`` is set; on SQLite, one process by design, in the process (``budget_stores``).
-A call costs one round trip to it. A store that cannot be reached refuses calls (503): nothing
-goes to Salesmsg unbudgeted.
+A call costs at most one transaction on it (concurrent calls of a process share one:
+``budget_stores``). A store that cannot be reached refuses calls (503): nothing goes to Salesmsg
+unbudgeted.
 """
 
 from __future__ import annotations

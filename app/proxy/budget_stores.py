@@ -78,22 +78,63 @@ class _KeyedLocks:
 
 
 class _SharedLedgers:
-    """``take`` and ``lock`` as one atomic read-decide-write each (``_update``, per store). Calls of
-    one process for one budget queue on a lock of the process first, so a stampede costs the store
-    one waiter per process (not a pooled connection or a Redis lock poll per call)."""
+    """``take`` and ``lock`` as one atomic read-decide-write each (``_update``, per store).
+
+    Group commit: the calls of one process for one budget that arrive while its ledger is being
+    written go together into the next write, each decided by ``plan`` in arrival order, exactly
+    as if they had queued one by one (the clock is still read inside the store's lock, once per
+    write). A stampede therefore costs the store one waiter per process, and a busy budget one
+    transaction per batch instead of one per call."""
 
     clock: Clock
 
     def __init__(self, *, clock: Clock) -> None:
         self.clock = clock
         self._keyed = _KeyedLocks()
+        self._pending: dict[str, list[tuple[BudgetRules, str, asyncio.Future[Verdict]]]] = {}
+        self._drains: set[asyncio.Task[None]] = set()
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
         raise NotImplementedError
 
     async def take(self, key: str, *, rules: BudgetRules, caller: str) -> Verdict:
-        async with self._keyed.hold(key):
-            return await self._update(key, _taking(rules=rules, clock=self.clock, caller=caller))
+        waiter: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        pending = self._pending.get(key)
+        if pending is None:  # nobody is writing this ledger: start the writer of its batches
+            pending = self._pending[key] = []
+            drain = asyncio.get_running_loop().create_task(self._drain(key), name="budget-batch")
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
+        pending.append((rules, caller, waiter))
+        return await waiter
+
+    async def _drain(self, key: str) -> None:
+        """Write the waiting calls of ``key`` in batches until none waits (then forget the key)."""
+        batch: list[tuple[BudgetRules, str, asyncio.Future[Verdict]]] = []
+        try:
+            while True:
+                batch = [call for call in self._pending[key] if not call[2].done()]  # a cancelled call takes nothing
+                self._pending[key] = []
+                if not batch:
+                    return
+                async with self._keyed.hold(key):
+                    try:
+                        verdicts = await self._update(key, _taking_all(batch, clock=self.clock))
+                    except BudgetUnavailable as exc:
+                        for _, _, waiter in batch:
+                            if not waiter.done():
+                                waiter.set_exception(type(exc)(*exc.args))
+                        continue
+                for (_, _, waiter), verdict in zip(batch, verdicts, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(verdict)
+        except BaseException as exc:  # cancelled (shutdown) or a bug: no caller may wait forever
+            for _, _, waiter in [*batch, *self._pending.get(key, [])]:
+                if not waiter.done():
+                    waiter.set_exception(BudgetUnavailable(type(exc).__name__))
+            raise
+        finally:
+            del self._pending[key]
 
     async def lock(self, key: str, *, until: float) -> None:
         async with self._keyed.hold(key):
@@ -190,10 +231,13 @@ class RedisBudgetStore(_SharedLedgers):
         await self.redis.aclose()
 
 
-def _taking(*, rules: BudgetRules, clock: Clock, caller: str) -> Callable[[Ledger], tuple[Verdict, bool]]:
-    def change(ledger: Ledger) -> tuple[Verdict, bool]:
-        verdict = plan(ledger, rules=rules, now=clock(), caller=caller)
-        return verdict, verdict.at is not None
+def _taking_all(
+    calls: list[tuple[BudgetRules, str, asyncio.Future[Verdict]]], *, clock: Clock
+) -> Callable[[Ledger], tuple[list[Verdict], bool]]:
+    def change(ledger: Ledger) -> tuple[list[Verdict], bool]:
+        now = clock()  # the ledger is locked: the clock is read now
+        verdicts = [plan(ledger, rules=rules, now=now, caller=caller) for rules, caller, _ in calls]
+        return verdicts, any(v.at is not None for v in verdicts)
 
     return change
 

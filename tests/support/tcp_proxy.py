@@ -1,7 +1,9 @@
-"""A small TCP fault proxy of the test suite's own: forward, cut, reset, delay.
+"""A small TCP fault proxy of the test suite's own: forward, cut, reset, delay, stall.
 
 It runs an asyncio loop in a background thread. ``down()`` closes the listener and every open
 connection (the service behind it looks stopped); ``up()`` listens again on the same port.
+``stalled = True`` is a silent cut: connections stay open, nothing is forwarded either way (a
+partition with no reset), until it is False again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class TcpFaultProxy:
         self.target = (target_host, target_port)
         self.port = port or free_port()
         self.delay = 0.0
+        self.stalled = False
         self.reset_new = False
         self.connections_seen = 0
         self._loop = asyncio.new_event_loop()
@@ -80,6 +83,8 @@ class TcpFaultProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    while self.stalled:
+                        await asyncio.sleep(0.005)
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     dst.write(data)
