@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import LockError, RedisError, WatchError
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.db import Database
@@ -30,6 +30,9 @@ from app.proxy.budget import BudgetBusy, BudgetRules, BudgetStore, BudgetUnavail
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
+_LOCK_LEDGER = "SELECT ledger FROM upstream_budgets WHERE key = $1 FOR UPDATE"
+_NEW_LEDGER = "INSERT INTO upstream_budgets (key, ledger) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+_WRITE_LEDGER = "UPDATE upstream_budgets SET ledger = $2 WHERE key = $1"
 _KEEP_SECONDS = 120.0  # a ledger says nothing once its last grant is this old (windows are at most 90 s)
 _LOCK_SECONDS = 5.0  # Redis: a ledger's lock lapses this long after a holder died with it
 _LOCK_WAIT_SECONDS = 3.0  # ... and a caller waits this long for it before it says the budget is unavailable
@@ -147,18 +150,26 @@ class PostgresBudgetStore(_SharedLedgers):
         self.db = db
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
-        statement = select(BudgetLedger.ledger).where(BudgetLedger.key == key).with_for_update()
+        """One transaction on asyncpg itself (a connection of SQLAlchemy's pool): the row locked,
+        read, decided on and written, without SQLAlchemy's statement layers on the hot path."""
         try:
-            async with self.db.engine.begin() as conn:
-                raw = (await conn.execute(statement)).scalar()
-                if raw is None:
-                    await conn.execute(insert(BudgetLedger).values(key=key, ledger=Ledger().encode()).on_conflict_do_nothing())
-                    raw = (await conn.execute(statement)).scalar_one()
-                ledger = Ledger.decode(raw)
-                result, changed = change(ledger)  # the row is locked: the clock is read now
-                if changed:
-                    await conn.execute(update(BudgetLedger).where(BudgetLedger.key == key).values(ledger=ledger.encode()))
-        except (SQLAlchemyError, OSError) as exc:
+            async with self.db.engine.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                try:
+                    async with raw.transaction():
+                        stored = await raw.fetchval(_LOCK_LEDGER, key)
+                        if stored is None:
+                            await raw.execute(_NEW_LEDGER, key, Ledger().encode())
+                            stored = await raw.fetchval(_LOCK_LEDGER, key)
+                        ledger = Ledger.decode(stored)
+                        result, changed = change(ledger)  # the row is locked: the clock is read now
+                        if changed:
+                            await raw.execute(_WRITE_LEDGER, key, ledger.encode())
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                    await conn.invalidate(exc)  # this pooled connection is gone: never hand it out again
+                    raise
+        except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise BudgetUnavailable(type(exc).__name__) from exc
         return result
 
