@@ -76,6 +76,11 @@ class BudgetRules:
                    burst=settings.upstream_budget_burst, guard=guard)
 
     @property
+    def bucket(self) -> float:
+        """How finely grants are recorded: a tenth of a second, a second past 600 a minute."""
+        return WIDE_BUCKET_SECONDS if self.limit > WIDE_BUCKET_LIMIT else BUCKET_SECONDS
+
+    @property
     def spacing(self) -> float:
         return self.window / self.limit
 
@@ -95,14 +100,17 @@ class BudgetRules:
         return self.guard / 2
 
 
-BUCKET_SECONDS = 0.1  # a grant is recorded at the end of its tenth of a second
+BUCKET_SECONDS = 0.1  # a grant is recorded at the end of its tenth of a second ...
+WIDE_BUCKET_SECONDS = 1.0  # ... or of its second, when the limit is past WIDE_BUCKET_LIMIT
+WIDE_BUCKET_LIMIT = 600
 
 
-def _bucket(t: float) -> float:
-    """The end of ``t``'s tenth of a second, never before ``t`` (float division may round down)."""
-    end = math.ceil(t / BUCKET_SECONDS) * BUCKET_SECONDS
+def _bucket(t: float, size: float = BUCKET_SECONDS) -> float:
+    """The end of ``t``'s bucket (a tenth of a second, or ``size``), never before ``t`` (float
+    division may round down)."""
+    end = math.ceil(t / size) * size
     while end < t:
-        end += BUCKET_SECONDS
+        end += size
     return end
 
 
@@ -113,8 +121,11 @@ class Ledger:
     a lockout. A grant is recorded at the end of its tenth of a second (later is the safe side: it
     leaves the window no earlier than it really does). Only a reservation (a call waiting for its
     time) keeps its caller, for the queue's fairness; a call that went is anonymous (caller ""),
-    and calls of one tenth share an entry. A ledger therefore stays small (about 610 entries past
-    the window, plus the waiting ones) whatever the limit."""
+    and calls of one tenth share an entry. A ledger therefore stays small whatever the limit: at
+    most ``limit`` entries, and past ``WIDE_BUCKET_LIMIT`` a call a minute the grants are recorded
+    at the end of their second instead (about 62 entries past the window instead of 610, which
+    its JSON would cost a millisecond per call to read and write, for at most 1/61 of the budget
+    held a second longer), plus the waiting ones."""
 
     slots: list[tuple[float, str, int]] = field(default_factory=list)
     tat: float = 0.0
@@ -175,9 +186,9 @@ class Ledger:
             self.slots.pop(0)
             count -= n
 
-    def _add(self, at: float, caller: str) -> None:
-        """One grant at ``at``: one more in the caller's entry for that tenth of a second."""
-        t = _bucket(at)
+    def _add(self, at: float, caller: str, bucket: float = BUCKET_SECONDS) -> None:
+        """One grant at ``at``: one more in the caller's entry for that tenth of a second (or bucket)."""
+        t = _bucket(at, bucket)
         i = bisect.bisect_left(self.slots, (t, caller))
         if i < len(self.slots) and self.slots[i][:2] == (t, caller):
             self.slots[i] = (t, caller, self.slots[i][2] + 1)
@@ -216,7 +227,7 @@ def plan(ledger: Ledger, *, rules: BudgetRules, now: float, caller: str) -> Verd
         return Verdict(None, "full", at - rules.max_wait - now)
     if excess > 0:
         ledger._drop_oldest(excess)
-    ledger._add(at, caller if at > now else "")
+    ledger._add(at, caller if at > now else "", rules.bucket)
     ledger.tat = max(ledger.tat, at) + rules.spacing
     return Verdict(at)
 

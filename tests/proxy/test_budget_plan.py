@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from app.proxy import budget
 from app.proxy.budget import BudgetRules, Ledger, plan
 
 RULES = BudgetRules(limit=60, window=61.0, max_wait=10.0, lockout=60.0, burst=60)  # no pacing: the window alone
@@ -65,6 +66,33 @@ def test_no_window_ever_holds_more_than_the_limit_under_random_arrivals(rules, s
     steady = len(sent) - rules.limit  # past the first burst, one window's worth each 61 s
     assert steady / minutes == pytest.approx(60 * 60 / 61, rel=0.02)  # the whole budget is used
     assert len(ledger.slots) < 700  # the ledger stays small
+
+
+def _large_budget_run(seed: int) -> tuple[list[float], int]:
+    large = BudgetRules(limit=3000, window=61.0, max_wait=10.0, lockout=60.0, burst=3000)
+    rng = random.Random(seed)
+    ledger, sent, now, most = Ledger(), [], T0 + rng.random(), 0
+    for _ in range(40_000):
+        now += rng.expovariate(100.0)  # a hundred callers a second against fifty
+        verdict = plan(ledger, rules=large, now=now, caller=f"k{rng.randrange(10)}")
+        if verdict.at is not None:
+            sent.append(verdict.at)
+        most = max(most, sum(1 for _, c, _ in ledger.slots if not c))  # entries of grants that went
+    return sent, most
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_a_large_budget_keeps_a_small_ledger_and_still_never_exceeds_its_window(seed, monkeypatch):
+    """Past 600 a minute grants are recorded at the end of their second: about 62 entries instead
+    of 610 (each call reads and writes the ledger), no window holds more than the limit, and the
+    budget used is within 1/61 of what tenths of a second allow."""
+    sent, most = _large_budget_run(seed)
+    assert _tightest(sent, 3000) >= 61.0
+    assert most <= 63
+    monkeypatch.setattr(budget, "WIDE_BUCKET_LIMIT", 10**9)  # the same arrivals, recorded by the tenth
+    fine, most_fine = _large_budget_run(seed)
+    assert most_fine > 200  # (by the tenth: a few hundred)
+    assert len(sent) >= len(fine) * (1 - 1 / 61)
 
 
 def test_a_lowered_limit_holds_from_the_next_call():
