@@ -1,7 +1,7 @@
 """Where the budget ledgers live (``app.proxy.budget``): PostgreSQL, or Redis when configured.
 
-Each runs the same ``plan`` on the ledger atomically: PostgreSQL by compare-and-set on the
-budget's row; Redis takes the budget's lock (redis-py's, released by a script only by its
+Each runs the same ``plan`` on the ledger atomically: PostgreSQL locks the budget's row for the
+read and the write; Redis takes the budget's lock (redis-py's, released by a script only by its
 holder, lapsing if the holder dies). On SQLite (the embedded demo, one process by design) the ledgers live in the process:
 a request's own transaction may hold SQLite's only write lock while it calls Salesmsg.
 """
@@ -30,11 +30,9 @@ from app.proxy.budget import BudgetBusy, BudgetRules, BudgetStore, BudgetUnavail
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
-_READ_LEDGER = "SELECT ledger FROM upstream_budgets WHERE key = $1"
+_LOCK_LEDGER = "SELECT ledger FROM upstream_budgets WHERE key = $1 FOR UPDATE"
 _NEW_LEDGER = "INSERT INTO upstream_budgets (key, ledger) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-_SWAP_LEDGER = "UPDATE upstream_budgets SET ledger = $2 WHERE key = $1 AND ledger = $3 RETURNING true"
-_CAS_ATTEMPTS = 50  # each failed one means another process's write went in: progress for the fleet
-_KNOWN_MAX = 50_000
+_WRITE_LEDGER = "UPDATE upstream_budgets SET ledger = $2 WHERE key = $1"
 _KEEP_SECONDS = 120.0  # a ledger says nothing once its last grant is this old (windows are at most 90 s)
 _LOCK_SECONDS = 5.0  # Redis: a ledger's lock lapses this long after a holder died with it
 _LOCK_WAIT_SECONDS = 3.0  # ... and a caller waits this long for it before it says the budget is unavailable
@@ -147,50 +145,33 @@ class _SharedLedgers:
 
 
 class PostgresBudgetStore(_SharedLedgers):
-    """One row per budget, changed by compare-and-set: ``UPDATE ... WHERE ledger = <the text this
-    decision read>``. The process keeps the text it last wrote, so while no other process wrote
-    the ledger since, a call costs one statement (no BEGIN, no row lock, no COMMIT round trips);
-    when another did, the write matches nothing and the call reads the row, decides again on a
-    fresh clock and retries. A refusal needs no write: the copy it was decided on can only be
-    missing others' grants and lockouts (the row only gains them; time passes for both), so it
-    refuses nothing the row would allow."""
-
     def __init__(self, db: Database, *, clock: Clock = time.time) -> None:
         super().__init__(clock=clock)
         self.db = db
-        self._known: dict[str, str] = {}  # the ledger text this process last wrote (or read), per budget
 
     async def _update(self, key: str, change: Callable[[Ledger], tuple[_T, bool]]) -> _T:
+        """One transaction on asyncpg itself (a connection of SQLAlchemy's pool): the row locked,
+        read, decided on and written, without SQLAlchemy's statement layers on the hot path."""
         try:
             async with self.db.engine.connect() as conn:
-                raw = (await conn.get_raw_connection()).driver_connection  # asyncpg itself, autocommit
+                raw = (await conn.get_raw_connection()).driver_connection
                 assert raw is not None
                 try:
-                    for _ in range(_CAS_ATTEMPTS):
-                        stored = self._known.get(key)
+                    async with raw.transaction():
+                        stored = await raw.fetchval(_LOCK_LEDGER, key)
                         if stored is None:
-                            stored = await raw.fetchval(_READ_LEDGER, key)
-                            if stored is None:
-                                await raw.execute(_NEW_LEDGER, key, Ledger().encode())
-                                stored = await raw.fetchval(_READ_LEDGER, key)
+                            await raw.execute(_NEW_LEDGER, key, Ledger().encode())
+                            stored = await raw.fetchval(_LOCK_LEDGER, key)
                         ledger = Ledger.decode(stored)
-                        result, changed = change(ledger)  # the clock is read now, after the read
-                        if not changed:
-                            return result
-                        written = ledger.encode()
-                        if await raw.fetchval(_SWAP_LEDGER, key, written, stored):
-                            if len(self._known) >= _KNOWN_MAX:
-                                self._known.clear()
-                            self._known[key] = written
-                            return result
-                        self._known.pop(key, None)  # another process wrote it meanwhile: read, decide again
+                        result, changed = change(ledger)  # the row is locked: the clock is read now
+                        if changed:
+                            await raw.execute(_WRITE_LEDGER, key, ledger.encode())
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                    self._known.pop(key, None)
                     await conn.invalidate(exc)  # this pooled connection is gone: never hand it out again
                     raise
         except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise BudgetUnavailable(type(exc).__name__) from exc
-        raise BudgetBusy("the ledger kept changing under other processes")
+        return result
 
     async def read(self, key: str) -> Ledger:
         try:

@@ -164,22 +164,21 @@ async def test_concurrent_calls_of_one_process_share_a_ledger_write_and_each_cou
 
 
 async def test_stores_of_several_processes_share_one_ledger_exactly(requires_postgres, database_url):
-    """Three processes' stores (each its own engine and copy of the ledger) writing one budget at
-    once: compare-and-set lets exactly the limit through, and a copy gone stale costs a re-read,
-    never a grant too many or a lockout missed."""
+    """Three processes' stores (each its own engine and pool) writing one budget at once: exactly
+    the limit goes through, and a lockout written by one refuses calls in every other."""
     dbs = [Database(create_engine(Settings(_env_file=None, database_url=database_url))) for _ in range(3)]
     try:
         clock = Clock()
         stores = [PostgresBudgetStore(db, clock=clock) for db in dbs]
         key = f"tenant:{uuid.uuid4()}"
-        for store in stores:  # each process has seen (and cached) the ledger once
+        for store in stores:  # each process has used the ledger once
             assert (await store.take(key, rules=RULES, caller="warm")).at is not None
         verdicts = await asyncio.gather(*(stores[i % 3].take(key, rules=RULES, caller=f"c{i}") for i in range(90)))
         assert sum(v.at is not None for v in verdicts) == RULES.limit - 3
         assert (await stores[0].read(key)).used(T0, RULES.window) == RULES.limit
         await stores[1].lock(key, until=T0 + 120)  # a Salesmsg 429 seen by one process ...
         clock.now = T0 + 100
-        for store in (stores[0], stores[2]):  # ... refuses every other, whatever its copy says
+        for store in (stores[0], stores[2]):  # ... refuses every other
             assert (await store.take(key, rules=RULES, caller="late")).reason == "locked"
     finally:
         for db in dbs:
