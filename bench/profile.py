@@ -39,7 +39,7 @@ LOOP_PATHS = ("/asyncio/", "/uvloop/")
 # counts when any frame matches.
 WATCH: dict[str, list[tuple[str | None, str]]] = {
     "the proxy handler (Proxy.handle)": [("Proxy.handle", "/app/proxy/handler.py")],
-    "grant lookup (GrantLookup.find: pool checkout, one SELECT)": [("GrantLookup.find", "/app/proxy/grants.py")],
+    "grant lookup (GrantLookup.find: the grant cache, or pool checkout and one SELECT)": [("GrantLookup.find", "/app/proxy/grants.py")],
     "BEGIN sent by SQLAlchemy's autobegin (audit writer, usage)": [(None, "_start_transaction")],
     "ROLLBACK when the connection returns to the pool": [("Transaction.rollback", "/asyncpg/transaction.py")],
     "new PostgreSQL connections (pool overflow churn)": [(None, "/asyncpg/connect_utils.py")],
@@ -49,7 +49,7 @@ WATCH: dict[str, list[tuple[str | None, str]]] = {
     "uvicorn's send (response to the socket)": [("RequestResponseCycle.send", "/uvicorn/")],
     "logging (structlog, logging), anywhere": [(None, "/structlog/"), (None, "/logging/__init__.py")],
     "metrics (prometheus_client), anywhere": [(None, "/prometheus_client/")],
-    "PHI audit writer (app/audit/writer.py: lock, last hash, INSERT)": [(None, "/app/audit/writer.py")],
+    "PHI audit writer (app/audit/writer.py: lock, last hash, hashes, COPY)": [(None, "/app/audit/writer.py")],
     "Salesmsg budget (UpstreamBudget.acquire: the ledger row FOR UPDATE, JSON)": [
         ("UpstreamBudget.acquire", "/app/proxy/budget.py"), (None, "/app/proxy/budget_stores.py")],
     "dropped access-log line (structlog chain at WARNING)": [("RequestContextMiddleware._log", "/app/core/middleware.py"),
