@@ -33,11 +33,12 @@ statuses, the refresh and connect outcomes, SQL statement text. What it may neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,7 +55,7 @@ from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Span, Status
+from opentelemetry.trace import Span, SpanKind, Status
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -194,6 +195,20 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Spa
         return
     with tracer.start_as_current_span(name, attributes=attributes) as current:
         yield current
+
+
+_NO_SPAN = contextlib.nullcontext()
+
+
+def db_span(name: str, statement: str) -> AbstractContextManager[Any]:
+    """A client span for a statement sent on asyncpg itself (the proxy's hot path skips SQLAlchemy,
+    whose statements its instrumentation traces): the statement's text, never its parameters. A
+    shared no-op when tracing is off."""
+    tracer = _state.tracer
+    if tracer is None:
+        return _NO_SPAN
+    return tracer.start_as_current_span(name, kind=SpanKind.CLIENT,
+                                        attributes={"db.system": "postgresql", "db.statement": statement})
 
 
 def traced(name: str, outcome: str, outcome_of: Callable[[_R], str]) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]:

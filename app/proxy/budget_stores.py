@@ -26,6 +26,7 @@ from app.core.logs import get_logger
 from app.core.metrics import REDIS_FALLBACK, child
 from app.core.models import BudgetLedger
 from app.core.settings import Settings
+from app.core.tracing import db_span
 from app.proxy.budget import BudgetBusy, BudgetRules, BudgetStore, BudgetUnavailable, Ledger, Verdict, plan
 
 log = get_logger(__name__)
@@ -158,14 +159,17 @@ class PostgresBudgetStore(_SharedLedgers):
                 assert raw is not None
                 try:
                     async with raw.transaction():
-                        stored = await raw.fetchval(_LOCK_LEDGER, key)
-                        if stored is None:
-                            await raw.execute(_NEW_LEDGER, key, Ledger().encode())
+                        with db_span("SELECT upstream_budgets", _LOCK_LEDGER):
                             stored = await raw.fetchval(_LOCK_LEDGER, key)
+                        if stored is None:
+                            with db_span("INSERT upstream_budgets", _NEW_LEDGER):
+                                await raw.execute(_NEW_LEDGER, key, Ledger().encode())
+                                stored = await raw.fetchval(_LOCK_LEDGER, key)
                         ledger = Ledger.decode(stored)
                         result, changed = change(ledger)  # the row is locked: the clock is read now
                         if changed:
-                            await raw.execute(_WRITE_LEDGER, key, ledger.encode())
+                            with db_span("UPDATE upstream_budgets", _WRITE_LEDGER):
+                                await raw.execute(_WRITE_LEDGER, key, ledger.encode())
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     await conn.invalidate(exc)  # this pooled connection is gone: never hand it out again
                     raise

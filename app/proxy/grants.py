@@ -25,6 +25,7 @@ from app.connections.view import ConnectionView, TenantAccess
 from app.core.db import Database
 from app.core.errors import UNAVAILABLE_SQLSTATES
 from app.core.models import ApiKey, ApiKeyTenant, Connection, Tenant, TenantKey
+from app.core.tracing import db_span
 from app.proxy.grant_cache import GrantCache
 from app.tenants.registry import SLUG
 
@@ -134,7 +135,8 @@ class GrantLookup:
                 raw = (await conn.get_raw_connection()).driver_connection
                 assert raw is not None
                 try:
-                    row = await raw.fetchrow(sql, *(params[name] for name in names))
+                    with db_span("SELECT api_keys", sql):
+                        row = await raw.fetchrow(sql, *(params[name] for name in names))
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     await self._disconnected(conn, exc)
                 except asyncpg.PostgresError as exc:
