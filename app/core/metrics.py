@@ -44,8 +44,10 @@ GRANT_CACHE = Counter(
     "smc_grant_cache_total", "Proxy grant lookups: hit, miss (read from the database), bypass (the cache cannot prove it is fresh)",
     ["outcome"],
 )
-GRANT_CHANNEL_UP = Gauge("smc_grant_channel_up", "1 while this process listens for grant changes (its cache may serve)",
-                         multiprocess_mode="min")
+GRANT_CHANNEL_DOWN = Gauge(
+    "smc_grant_channel_down", "1 while a serving process cannot listen for grant changes (its grant cache is bypassed)",
+    multiprocess_mode="livemax",
+)
 WEBHOOKS = Counter("smc_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.db import Database
+from app.core.errors import UNAVAILABLE_SQLSTATES
 from app.core.logs import get_logger
 from app.core.metrics import REDIS_FALLBACK, child
 from app.core.models import BudgetLedger
@@ -172,6 +173,10 @@ class PostgresBudgetStore(_SharedLedgers):
                                 await raw.execute(_WRITE_LEDGER, key, ledger.encode())
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     await conn.invalidate(exc)  # this pooled connection is gone: never hand it out again
+                    raise
+                except asyncpg.PostgresError as exc:
+                    if str(exc.sqlstate or "").startswith(UNAVAILABLE_SQLSTATES):  # e.g. 57P01 admin shutdown
+                        await conn.invalidate(exc)
                     raise
         except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise BudgetUnavailable(type(exc).__name__) from exc

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import GRANTS_UNAFFECTED
 from app.core.logs import get_logger
-from app.core.metrics import GRANT_CACHE, GRANT_CHANNEL_UP, child
+from app.core.metrics import GRANT_CACHE, GRANT_CHANNEL_DOWN, child
 
 log = get_logger(__name__)
 
@@ -56,7 +56,12 @@ RECONNECT_SECONDS = 0.5
 WATCHED = frozenset({"api_keys", "api_key_tenants", "tenants", "connections", "tenant_keys"})
 _WRITE = re.compile(r"\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?(?:\s+ONLY)?)\s+\"?(\w+)", re.IGNORECASE)
 _HIT, _MISS, _BYPASS = (child(GRANT_CACHE, outcome) for outcome in ("hit", "miss", "bypass"))
-_WROTE = "smc_grants_wrote"  # pooled connection info: this connection wrote a watched table
+_WROTE = "smc_grants_wrote"
+# URL options SQLAlchemy's asyncpg dialect consumes itself (asyncpg.connect would refuse them)
+_SQLALCHEMY_ONLY = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback"})
+_TRIGGERS = (  # migration 0004's triggers, enabled: without them no change is ever announced
+    "SELECT count(*) FROM pg_trigger WHERE tgname = 'smc_grants_changed' AND tgenabled <> 'D'"
+)  # pooled connection info: this connection wrote a watched table
 
 
 def writes_watched(statement: str) -> bool:
@@ -134,6 +139,7 @@ class GrantCache:
             self.invalidate()
 
         @event.listens_for(sync_engine.pool, "checkin")
+        @event.listens_for(sync_engine.pool, "detach")  # a connection dropped, not returned, must not keep it off
         def _returned(_dbapi_connection, record) -> None:
             token = record.info.pop(_WROTE, None)
             if token is not None:
@@ -153,6 +159,7 @@ class GrantChannel:
         self.beat_channel = f"smc_grants_beat_{secrets.token_hex(6)}"
         self._sent: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self.failures = 0
         self.connection: asyncpg.Connection | None = None
         self.connected = asyncio.Event()  # for tests and the bench: the channel is listening
 
@@ -160,11 +167,12 @@ class GrantChannel:
     def for_engine(cls, cache: GrantCache, engine: AsyncEngine) -> GrantChannel:
         args, kwargs = engine.dialect.create_connect_args(engine.url)
         assert not args
-        kwargs = dict(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _SQLALCHEMY_ONLY}
         kwargs["server_settings"] = {"application_name": "salesmsg-connect-grants"}
         return cls(cache, connect_kwargs=kwargs)
 
     def start(self) -> None:
+        GRANT_CHANNEL_DOWN.set(1)  # until it listens
         self._task = asyncio.get_running_loop().create_task(self._run(), name="grant-channel")
 
     async def stop(self) -> None:
@@ -173,6 +181,7 @@ class GrantChannel:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        GRANT_CHANNEL_DOWN.set(0)  # a stopped process is no outage
 
     def _notified(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self.cache.invalidate()
@@ -187,19 +196,21 @@ class GrantChannel:
             self.cache.confirmed(sent)
 
     async def _run(self) -> None:
-        failures = 0
+        self.failures = failures = 0
         while True:
             lost = asyncio.Event()
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(timeout=5, **self.connect_kwargs)
                 conn.add_termination_listener(functools.partial(self._terminated, lost))
+                if await conn.fetchval(_TRIGGERS) < len(WATCHED):
+                    raise LookupError("the grant triggers (migration 0004) are missing or disabled")
                 await conn.add_listener(CHANNEL, self._notified)
                 await conn.add_listener(self.beat_channel, self._beat)
                 self.cache.invalidate()  # what was read before LISTEN may have changed unseen
                 self.connection = conn
                 self.connected.set()
-                GRANT_CHANNEL_UP.set(1)
+                GRANT_CHANNEL_DOWN.set(0)
                 if failures:
                     log.warning("grant cache channel listening again")
                 failures = 0
@@ -216,13 +227,15 @@ class GrantChannel:
                 raise
             except Exception as exc:  # noqa: BLE001 - the channel is down: bypass, then listen again
                 failures += 1
+                self.failures += 1  # attempts that failed, for tests and the bench
                 if failures == 1:
-                    log.warning("grant cache channel down: every proxied call reads the database", error=type(exc).__name__)
+                    log.warning("grant cache channel down: every proxied call reads the database", error=type(exc).__name__,
+                                reason=str(exc) if isinstance(exc, LookupError) else None)
             finally:
                 self.cache.channel_lost()
                 self.connected.clear()
                 self.connection = None
-                GRANT_CHANNEL_UP.set(0)
+                GRANT_CHANNEL_DOWN.set(1)
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(min(RECONNECT_SECONDS * failures, 5.0))

@@ -18,6 +18,7 @@ import asyncpg
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 
+from app.core.metrics import GRANT_CHANNEL_DOWN
 from app.core.models import ApiKey, Connection, Tenant
 from app.identity import api_keys
 from app.proxy.grant_cache import BOUND_SECONDS, CHANNEL, GrantCache, GrantChannel, writes_watched
@@ -207,6 +208,30 @@ async def test_the_channel_cut_silently_or_loudly_bypasses_the_cache(requires_po
             assert (await lookup.find(prefixes[3], "cut-channel")).revoked_at is None
         finally:
             await channel.stop()
+
+
+async def test_without_its_triggers_the_channel_never_lets_the_cache_serve(requires_postgres, runtime, database_url):
+    """A database behind migration 0004, or with its triggers disabled (a restore), announces no
+    change: the channel counts as down and the cache stays bypassed until the triggers are there."""
+    await make_api_key(runtime, name="probe")  # the app's schema is in place
+    admin = await asyncpg.connect(**_connect_kwargs(database_url))
+    cache = GrantCache()
+    channel = GrantChannel(cache, connect_kwargs=_connect_kwargs(database_url))
+    try:
+        await admin.execute("ALTER TABLE tenants DISABLE TRIGGER smc_grants_changed")
+        channel.start()
+        for _ in range(3):  # three attempts to listen, each refused
+            await apoll(lambda: _true(channel.failures >= 1), interval=0.01, what="an attempt")
+            await asyncio.sleep(channel.heartbeat)
+            assert not cache.serving() and not channel.connected.is_set()
+        assert GRANT_CHANNEL_DOWN._value.get() == 1
+        await admin.execute("ALTER TABLE tenants ENABLE TRIGGER smc_grants_changed")
+        await apoll(lambda: _true(cache.serving()), interval=0.01, timeout=30, what="the channel with its triggers")
+        assert GRANT_CHANNEL_DOWN._value.get() == 0
+    finally:
+        await admin.execute("ALTER TABLE tenants ENABLE TRIGGER smc_grants_changed")
+        await admin.close()
+        await channel.stop()
 
 
 async def test_this_process_sees_its_own_changes_at_once(requires_postgres, runtime, browser, client_for, upstream):
