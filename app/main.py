@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, object]]:
-        runtime = await Runtime.start(settings)
+        runtime = await Runtime.start(settings, serving=True)
         app.state.runtime = runtime
         if settings.run_worker:
             runtime.start_worker()

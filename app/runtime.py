@@ -65,7 +65,9 @@ class Runtime:
     worker: Worker | None = field(default=None)
 
     @classmethod
-    async def start(cls, settings: Settings) -> "Runtime":
+    async def start(cls, settings: Settings, *, serving: bool = False) -> "Runtime":
+        """``serving``: this process answers requests (``serve``), so its proxy keeps a grant cache
+        and listens for grant changes; the worker and the command line do neither."""
         db = Database(create_engine(settings))
         tracing.trace_engine(db.engine)  # nothing when tracing is off
         http = create_http_session(settings)
@@ -80,7 +82,7 @@ class Runtime:
         idempotency = Idempotency(db, ttl=timedelta(hours=settings.idempotency_ttl_hours),
                                   wait_seconds=settings.salesmsg_timeout_seconds + 5)
         grant_cache = grant_channel = None
-        if db.is_postgres and settings.grant_cache:
+        if serving and db.is_postgres and settings.grant_cache:
             grant_cache = GrantCache()
             grant_cache.watch_engine(db.engine)
             grant_channel = GrantChannel.for_engine(grant_cache, db.engine)

@@ -258,3 +258,16 @@ async def test_this_process_sees_its_own_changes_at_once(requires_postgres, runt
     await _revoke(runtime, api_keys.parse(key))
     assert (await client_for.get("/api/v1/tenants/own-change/proxy/teams", headers=auth(key))).status_code == 401
 
+
+
+async def test_only_a_serving_process_listens_for_grant_changes(requires_postgres, runtime, connected_settings):
+    """The app's lifespan listens; the worker and the command line (which serve no proxied call)
+    hold no cache and no listening connection."""
+    from app.runtime import Runtime
+
+    assert runtime.grant_channel is not None and runtime.proxy.grants.cache is not None
+    other = await Runtime.start(connected_settings)
+    try:
+        assert other.grant_channel is None and other.proxy.grants.cache is None
+    finally:
+        await other.stop()
