@@ -17,14 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit import audit_log
 from app.audit.audit_log import Actor
-from app.core.errors import AppError, Conflict, Gone, NotFound, ValidationFailed
+from app.core.errors import AppError, Conflict, Gone, NotFound
 from app.core.models import Invitation, Tenant, User
-from app.identity.people import check_password_strength, create_user, normalize_email
+from app.identity.people import check_password_strength, check_role, create_user, normalize_email
 from app.kit.single_use import spend
 from app.kit.tokens import new_token, token_hash
 
 PREFIX = "smc_inv_"
-ROLES = ("operator", "org_admin")
 OUTSTANDING, ACCEPTED, REVOKED, EXPIRED = "outstanding", "accepted", "revoked", "expired"
 # The codes a refused invitation link answers with (the web layer shows them as a page of their own).
 REFUSALS = ("invitation_invalid", "invitation_used", "invitation_revoked", "invitation_expired")
@@ -66,15 +65,6 @@ def state_of(invitation: Invitation, *, now: datetime | None = None) -> str:
     return OUTSTANDING
 
 
-def _check_role(role: str, tenant: Tenant | None) -> None:
-    if role not in ROLES:
-        raise ValidationFailed("The role is operator or org_admin.", code="invalid_role")
-    if role == "org_admin" and tenant is None:
-        raise ValidationFailed("An org admin belongs to a tenant.", code="tenant_required")
-    if role == "operator" and tenant is not None:
-        raise ValidationFailed("An operator belongs to no tenant.", code="invalid_role")
-
-
 async def _new(
     session: AsyncSession, *, role: str, tenant_id: uuid.UUID | None, email: str, hours: int, actor: Actor
 ) -> tuple[Invitation, str]:
@@ -106,7 +96,7 @@ async def invite(
     request_id: str | None = None,
 ) -> tuple[Invitation, str]:
     """An invitation to become an operator (no tenant) or a tenant's org admin; the token is returned once."""
-    _check_role(role, tenant)
+    check_role(role, tenant)
     email = normalize_email(email)
     invitation, token = await _new(session, role=role, tenant_id=tenant.id if tenant else None, email=email,
                                    hours=hours, actor=actor)

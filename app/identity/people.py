@@ -40,6 +40,18 @@ from app.core.models import LoginAttempt, Tenant, User
 from app.identity import sessions
 
 ROLES = ("operator", "org_admin")
+
+
+def check_role(role: str, tenant: Tenant | None) -> None:
+    """An operator belongs to no tenant, an org admin to one."""
+    if role not in ROLES:
+        raise ValidationFailed("The role is operator or org_admin.", code="invalid_role")
+    if role == "org_admin" and tenant is None:
+        raise ValidationFailed("An org admin belongs to a tenant.", code="tenant_required")
+    if role == "operator" and tenant is not None:
+        raise ValidationFailed("An operator belongs to no tenant.", code="invalid_role")
+
+
 MIN_PASSWORD = 12
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}")
 
@@ -91,12 +103,7 @@ async def create_user(
     actor: Actor,
     request_id: str | None = None,
 ) -> User:
-    if role not in ROLES:
-        raise ValidationFailed("The role is operator or org_admin.", code="invalid_role")
-    if role == "org_admin" and tenant is None:
-        raise ValidationFailed("An org admin belongs to a tenant.", code="tenant_required")
-    if role == "operator" and tenant is not None:
-        raise ValidationFailed("An operator belongs to no tenant.", code="invalid_role")
+    check_role(role, tenant)
     email = normalize_email(email)
     check_password_strength(password, email=email)
     if await session.scalar(select(User.id).where(User.email == email)) is not None:

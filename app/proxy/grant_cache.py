@@ -159,9 +159,9 @@ class GrantChannel:
         self.beat_channel = f"smc_grants_beat_{secrets.token_hex(6)}"
         self._sent: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.failures = 0
+        self.failures = 0  # attempts to listen that failed (read by the tests)
         self.connection: asyncpg.Connection | None = None
-        self.connected = asyncio.Event()  # for tests and the bench: the channel is listening
+        self.connected = asyncio.Event()  # the channel is listening (read by the tests)
 
     @classmethod
     def for_engine(cls, cache: GrantCache, engine: AsyncEngine) -> GrantChannel:
@@ -215,9 +215,10 @@ class GrantChannel:
                     log.warning("grant cache channel listening again")
                 failures = 0
                 beat = 0
+                self._sent = {}  # a new connection: its heartbeats count from 1 again
                 while not lost.is_set():
                     beat += 1
-                    self._sent = {n: s for n, s in self._sent.items() if n > beat - 8}  # unanswered ones expire
+                    self._sent.pop(beat - 8, None)  # an unanswered heartbeat expires
                     self._sent[beat] = self.clock()
                     async with asyncio.timeout(1.0):  # not wait_for: on Python 3.11 it can swallow a cancel
                         await conn.execute(f"NOTIFY {self.beat_channel}, '{beat}'")
@@ -227,7 +228,7 @@ class GrantChannel:
                 raise
             except Exception as exc:  # noqa: BLE001 - the channel is down: bypass, then listen again
                 failures += 1
-                self.failures += 1  # attempts that failed, for tests and the bench
+                self.failures += 1
                 if failures == 1:
                     log.warning("grant cache channel down: every proxied call reads the database", error=type(exc).__name__,
                                 reason=str(exc) if isinstance(exc, LookupError) else None)

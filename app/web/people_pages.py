@@ -17,11 +17,12 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.errors import AppError, Conflict, NotFound
+from app.core.errors import AppError, Conflict
 from app.core.models import Tenant, User
 from app.deps import RequestIdDep, RuntimeDep, SessionDep
 from app.identity import invitations, mfa, password_resets, people, sessions
 from app.runtime import Runtime
+from app.tenants import registry
 from app.web.viewer import Viewer, ViewerDep, csrf_protect, redirect, render, require_operator, require_user
 
 router = APIRouter(dependencies=[Depends(csrf_protect)], include_in_schema=False)
@@ -88,9 +89,7 @@ async def invite_person(
     try:
         tenant_row = None
         if role == "org_admin" and tenant:
-            tenant_row = await session.scalar(select(Tenant).where(Tenant.slug == tenant))
-            if tenant_row is None:
-                raise NotFound("No such tenant.", code="tenant_not_found")
+            tenant_row = await registry.get_tenant(session, tenant)
         invitation, token = await invitations.invite(
             session, role=role, tenant=tenant_row, email=email, hours=runtime.settings.invitation_hours,
             actor=viewer.actor(), request_id=request_id,
@@ -99,7 +98,8 @@ async def invite_person(
         return await _people_error(request, session, viewer, exc, invite_error=True, invite_email=email[:320],
                                    invite_role=role, invite_tenant=tenant)
     who = "an operator" if role == "operator" else f"the admin of {tenant_row.name if tenant_row else ''}"
-    return render(request, viewer, "people_link.html", title=f"Invitation for {invitation.email}",
+    return render(request, viewer, "shown_once.html", back="/people", back_label="Back to people",
+                  title=f"Invitation for {invitation.email}",
                   explain=f"Send this link to {invitation.email}: it lets them choose a password and sign in as {who}. "
                           "It is shown only now; opening it spends nothing, accepting it does.",
                   url=f"{runtime.settings.public_url}/invite/{token}", expires_at=invitation.expires_at)
@@ -151,7 +151,8 @@ async def reset_link(
         return await _people_error(request, session, viewer, exc)
     reset, token = await password_resets.issue(session, user=person, minutes=runtime.settings.password_reset_minutes,
                                                actor=viewer.actor(), request_id=request_id)
-    return render(request, viewer, "people_link.html", title=f"Password reset link for {person.email}",
+    return render(request, viewer, "shown_once.html", back="/people", back_label="Back to people",
+                  title=f"Password reset link for {person.email}",
                   explain=f"Send this link to {person.email} by a channel you trust. It works once, and only until it "
                           "expires; any older reset link of theirs no longer works. It is shown only now.",
                   url=f"{runtime.settings.public_url}/reset/{token}", expires_at=reset.expires_at)

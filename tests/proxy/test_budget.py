@@ -13,7 +13,7 @@ import pytest
 from app.connections.view import ConnectionView
 from app.core.db import Database, create_engine
 from app.core.settings import Settings
-from app.proxy.budget import BudgetRules, Ledger, UpstreamBudget
+from app.proxy.budget import BudgetRules, BudgetUnavailable, Ledger, UpstreamBudget
 from app.proxy.budget_stores import LocalBudgetStore, PostgresBudgetStore, RedisBudgetStore
 from tests.support.journeys import auth, connected_tenant, make_api_key
 
@@ -183,6 +183,24 @@ async def test_stores_of_several_processes_share_one_ledger_exactly(requires_pos
     finally:
         for db in dbs:
             await db.dispose()
+
+
+async def test_a_database_that_cannot_be_reached_refuses_every_waiting_call_of_a_batch():
+    """Nothing goes unbudgeted and nobody waits forever: each call of the batch gets the store's
+    refusal, and the batch writer ends."""
+    from tests.support.tcp_proxy import free_port
+
+    url = f"postgresql+asyncpg://root@127.0.0.1:{free_port()}/nothing"
+    db = Database(create_engine(Settings(_env_file=None, database_url=url)))
+    try:
+        store = PostgresBudgetStore(db, clock=Clock())
+        key = f"tenant:{uuid.uuid4()}"
+        outcomes = await asyncio.gather(*(store.take(key, rules=RULES, caller=f"c{i}") for i in range(5)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, BudgetUnavailable) for o in outcomes), outcomes
+        assert not store._pending
+    finally:
+        await db.dispose()
 
 
 async def test_the_in_process_store_of_sqlite_deployments_keeps_the_same_ledger():
